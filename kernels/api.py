@@ -1,0 +1,262 @@
+"""Public entry point: validation, backend choice and the ``torch.library`` custom op."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
+from .info import FlashPrefillInfo
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log ``message`` at INFO level the first time it is seen."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_backend_reason(q: torch.Tensor) -> str | None:
+    """``None`` when the Triton kernels can run on ``q``; otherwise why the reference is used."""
+    if not triton_available():
+        return "Triton is not installed"
+    if q.is_cuda:
+        if q.dtype == torch.float32:
+            return "float32 inputs on the GPU (the kernels take float16/bfloat16)"
+        return None
+    if q.device.type == "cpu" and interpreter_enabled():
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 under TRITON_INTERPRET (the interpreter computes bfloat16 wrongly)"
+        return None
+    return f"device {q.device.type!r} has no Triton backend (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+
+
+def validate_inputs(
+    q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+    kv_start, kv_end, *, for_kernel: bool,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what was expected, what came, and what to do."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D [batch, seqlen, heads, head_dim] (FlashAttention layout), got shape "
+                f"{tuple(t.shape)}; for [batch, heads, seqlen, head_dim] tensors pass x.transpose(1, 2)"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (batch, q_len, hq, dim), (kb, k_len, hkv, kd) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if kb != batch:
+        raise ValueError(f"q has batch {batch} but k/v have batch {kb}")
+    if kd != dim:
+        raise ValueError(f"q has head_dim {dim} but k/v have head_dim {kd}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
+        )
+    if q_len > k_len:
+        raise ValueError(
+            f"q has {q_len} tokens but k/v only {k_len}: queries are aligned bottom-right to the keys "
+            "(the last query is the last key), so Lq <= Lk is required; pass the whole cache as k/v"
+        )
+    if for_kernel and dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {dim} is not supported by the kernels (supported: {SUPPORTED_HEAD_DIMS}); "
+            "use flash_prefill_reference or dense attention for this model"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1] (0 = dense, larger = sparser), got {alpha!r}")
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 16
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"block_size must be a power of two >= 16 (default 128), got {block_size!r}")
+    for name, value in (
+        ("sink_blocks", sink_blocks),
+        ("window_blocks", window_blocks),
+        ("last_dense_blocks", last_dense_blocks),
+        ("min_budget", min_budget),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+    ):
+        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be an integer tensor of shape ({batch},), got {t!r}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+         min_budget, scale, group_select):
+    reason = kernel_backend_reason(q)
+    if reason is None:
+        from .pipeline import flash_prefill_triton
+
+        return flash_prefill_triton(
+            q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+            min_budget, scale, group_select,
+        )
+    log_once(f"flash_prefill: using the PyTorch reference: {reason}")
+    from .reference import flash_prefill_reference
+
+    out, info = flash_prefill_reference(
+        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+        kv_start=kv_start, kv_end=kv_end, group_select=group_select, return_info=True,
+    )
+    return out, info.block_index, info.block_count
+
+
+@torch.library.custom_op("fp_kernels::flash_prefill", mutates_args=())
+def _flash_prefill_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    alpha: float,
+    block_size: int,
+    sink_blocks: int,
+    window_blocks: int,
+    last_dense_blocks: int,
+    min_budget: int,
+    scale: float,
+    group_select: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, index, count = _run(
+        q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+        min_budget, scale, group_select,
+    )
+    return out, index, count
+
+
+@_flash_prefill_op.register_fake
+def _(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+      min_budget, scale, group_select):
+    batch, q_len, hq, _ = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    hsel = hkv if group_select else hq
+    n_slots = num_query_slots(q_len, k_len, block_size, kv_start is not None or kv_end is not None)
+    nkb = num_key_blocks(k_len, block_size)
+    out = q.new_empty(batch, q_len, hq, v.shape[-1])
+    index = q.new_empty(batch, hsel, n_slots, nkb, dtype=torch.int32)
+    count = q.new_empty(batch, hsel, n_slots, dtype=torch.int32)
+    return out, index, count
+
+
+def flash_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float = 0.12,
+    block_size: int = 128,
+    sink_blocks: int = 2,
+    window_blocks: int = 4,
+    last_dense_blocks: int = 2,
+    min_budget: int = 0,
+    scale: float | None = None,
+    *,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    group_select: bool = False,
+    return_info: bool = False,
+):
+    """Block-sparse causal prefill attention (FlashPrefill).
+
+    Args:
+        q: ``[B, Lq, Hq, D]``; k, v: ``[B, Lk, Hkv, D]`` (FlashAttention layout, any strides).
+            ``Hq`` must be a multiple of ``Hkv`` (GQA: query head ``h`` reads kv head
+            ``h // (Hq // Hkv)``; K/V are never repeated). ``D`` in 64, 80, 96, 128, 256.
+        alpha: keep key block ``j`` of a query block when its score is at least ``alpha`` times the
+            best block's (in probability terms); 0 keeps everything (dense), larger is sparser.
+        block_size: tokens per query/key block, a power of two >= 16.
+        sink_blocks, window_blocks, last_dense_blocks: always computed: the first key blocks, the
+            last visible ones (diagonal included), and every block of the final query blocks.
+        min_budget: additionally keep the ``min_budget`` best-scoring blocks of each query block.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        kv_start, kv_end: optional ``[B]`` integer tensors, the valid key range ``[start, end)`` of
+            each row (left/right padding). Blocks are laid out from ``kv_start``, so a padded row
+            gets exactly the result it would get alone; query rows before ``kv_start`` are 0.
+        group_select: share one selection per GQA group (the union of its heads' selections)
+            instead of selecting per query head.
+        return_info: also return a :class:`FlashPrefillInfo` (density, block lists).
+
+    Causal alignment is bottom-right when ``Lq < Lk`` (a continued prefill on a cache): query row
+    ``i`` sees keys ``0 .. i + Lk - Lq``. For ``Lq = 2``, ``Lk = 5`` (``x`` = attended)::
+
+        x x x x 0
+        x x x x x
+
+    Returns ``out [B, Lq, Hq, D]`` (contiguous, ``q.dtype``), and the info when asked.
+
+    CUDA fp16/bf16 inputs run the Triton kernels; so do CPU fp16/fp32 inputs under
+    ``TRITON_INTERPRET=1``. Anything else (fp32 on the GPU, CPU without the interpreter, no Triton)
+    runs :func:`flash_prefill_reference`, with one logged note.
+    """
+    validate_inputs(
+        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+        kv_start, kv_end, for_kernel=True,
+    )
+    dim = q.shape[-1]
+    scale = dim**-0.5 if scale is None else float(scale)
+    out, index, count = _flash_prefill_op(
+        q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks,
+        last_dense_blocks, min_budget, scale, group_select,
+    )
+    if not return_info:
+        return out
+    return out, make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select)
+
+
+def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select):
+    """Build :class:`FlashPrefillInfo` from kernel outputs (device ops only, no host sync)."""
+    batch, q_len, hq, _ = q.shape
+    k_len = k.shape[1]
+    start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
+    geo = slot_geometry(q_len, k_len, block_size, start, end, count.shape[-1], last_dense_blocks)
+    nkb = index.shape[-1]
+    # entries past the count are scratch in the kernel output; make them -1 as documented
+    valid = torch.arange(nkb, device=index.device) < count[..., None]
+    index = torch.where(valid, index, torch.full_like(index, -1))
+    return FlashPrefillInfo(
+        density=density_from_counts(count, geo["n_vis"], hq),
+        block_index=index,
+        block_count=count,
+        block_size=block_size,
+        group_select=group_select,
+    )

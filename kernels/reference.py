@@ -1,0 +1,247 @@
+"""Pure-PyTorch FlashPrefill: the semantic reference for the Triton pipeline and the CPU backend.
+
+All math is fp32 on the inputs' device. Memory stays bounded: attention is computed one query
+block (and a chunk of heads) at a time, so nothing of size ``L x L`` is ever materialised; the only
+quadratic object is the ``(L/B) x (L/B)`` block-score table of :func:`block_scores_reference`.
+
+The stages mirror the Triton ones and are separately callable:
+:func:`pool_keys_reference` -> :func:`block_scores_reference` -> :func:`select_blocks_reference`
+-> :func:`sparse_attention_reference`; :func:`flash_prefill_reference` chains them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
+from .info import FlashPrefillInfo
+
+# elements of the (heads x rows x keys) fp32 score tile computed at once (64 MiB)
+_TILE_ELEMENTS = 1 << 24
+
+
+def pool_keys_reference(
+    k: torch.Tensor, block_size: int, kv_start: torch.Tensor, kv_end: torch.Tensor
+) -> torch.Tensor:
+    """Mean key of every block: ``k [B, Lk, Hkv, D] -> [B, nkb, Hkv, D]`` float32.
+
+    Blocks start at ``kv_start[b]`` and count only valid keys; blocks past the valid range are 0.
+    """
+    batch, k_len, heads, dim = k.shape
+    nkb = num_key_blocks(k_len, block_size)
+    out = torch.zeros(batch, nkb, heads, dim, dtype=torch.float32, device=k.device)
+    for b in range(batch):
+        lo, hi = int(kv_start[b]), int(kv_end[b])
+        for j in range(num_key_blocks(hi - lo, block_size)):
+            a = lo + j * block_size
+            out[b, j] = k[b, a : min(a + block_size, hi)].float().mean(0)
+    return out
+
+
+def block_scores_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block scores ``T[b, h, s, j] = logsumexp_r(scale * q_r . mean_key_j)`` over the rows ``r`` of slot ``s``.
+
+    Returns ``[B, Hq, n_slots, nkb]`` float32 (natural log), ``-inf`` where block ``j`` is not
+    causally visible from slot ``s`` or the slot is empty. For plots and tests; the kernels never
+    store this table.
+    """
+    batch, q_len, hq, dim = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
+    n_slots = num_query_slots(q_len, k_len, block_size, kv_start is not None or kv_end is not None)
+    geo = slot_geometry(q_len, k_len, block_size, start, end, n_slots, 0)
+    kbar = pool_keys_reference(k, block_size, start, end)
+    kbar = kbar.repeat_interleave(hq // hkv, dim=2)  # [B, nkb, Hq, D]
+    nkb = kbar.shape[1]
+    scores = torch.full((batch, hq, n_slots, nkb), -math.inf, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        for s in range(n_slots):
+            n_vis = int(geo["n_vis"][b, s])
+            if n_vis == 0:
+                continue
+            rows = q[b, int(geo["row_lo"][b, s]) : int(geo["row_hi"][b, s])].float()  # [R, Hq, D]
+            logits = torch.einsum("rhd,jhd->hrj", rows, kbar[b, :n_vis]) * scale
+            scores[b, :, s, :n_vis] = torch.logsumexp(logits, dim=1)
+    return scores
+
+
+def select_blocks_reference(
+    scores: torch.Tensor,
+    n_vis: torch.Tensor,
+    dense: torch.Tensor,
+    alpha: float,
+    sink_blocks: int,
+    window_blocks: int,
+    min_budget: int,
+    group_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold block scores into compact ascending block lists.
+
+    ``scores``: ``[B, Hq, S, nkb]``; ``n_vis``/``dense``: ``[B, S]`` from :func:`slot_geometry`.
+    Keeps block ``j`` of slot ``s`` iff it is visible and one of: ``T >= log(alpha) + max T``; among
+    the first ``sink_blocks``; among the last ``window_blocks`` visible ones (diagonal included);
+    among the ``min_budget`` best (ties with the last one kept too); or the slot is ``dense``.
+    With ``group_size > 1`` each group of consecutive query heads shares the union of its heads'
+    selections.
+
+    Returns ``block_index [B, Hsel, S, nkb]`` int32 (kept ids ascending, then -1) and
+    ``block_count [B, Hsel, S]`` int32, ``Hsel = Hq / group_size``.
+    """
+    batch, hq, n_slots, nkb = scores.shape
+    j = torch.arange(nkb, device=scores.device)
+    nv = n_vis[:, None, :, None]
+    visible = j < nv
+    keep = ((j < sink_blocks) | (j >= nv - window_blocks) | dense[:, None, :, None]).expand(scores.shape).clone()
+    if alpha > 0:
+        row_max = scores.masked_fill(~visible, -math.inf).amax(-1, keepdim=True)
+        keep |= scores >= row_max + math.log(alpha)
+    else:
+        keep = torch.ones_like(keep)
+    if min_budget > 0:
+        kth = min(min_budget, nkb)
+        vals = scores.masked_fill(~visible, -math.inf).topk(kth, dim=-1).values[..., -1:]
+        # slots with fewer visible blocks than the budget keep all of them
+        keep |= (scores >= vals) | (nv <= min_budget)
+    keep &= visible
+    if group_size > 1:
+        keep = keep.view(batch, hq // group_size, group_size, n_slots, nkb).any(2)
+    count = keep.sum(-1, dtype=torch.int32)
+    # stable sort puts kept ids first, in ascending order
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    index = torch.where(j < count[..., None], order, torch.full_like(order, -1))
+    return index, count
+
+
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention restricted to the listed key blocks; fp32 math, output in ``q.dtype``.
+
+    ``q [B, Lq, Hq, D]``, ``k``/``v [B, Lk, Hkv, D]``; ``block_index [B, Hsel, S, nkb]`` with the
+    first ``block_count [B, Hsel, S]`` entries valid (``Hsel`` is ``Hq`` or ``Hkv``). Query rows that
+    see no listed key (and rows before ``kv_start``) are 0.
+    """
+    batch, q_len, hq, dim = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
+    n_slots = block_count.shape[-1]
+    geo = slot_geometry(q_len, k_len, block_size, start, end, n_slots, 0)
+    sel_per_q = hq // block_index.shape[1]
+    out = torch.zeros(batch, q_len, hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    off = k_len - q_len
+    for b in range(batch):
+        o, n = int(start[b]), int(end[b] - start[b])
+        for s in range(n_slots):
+            n_vis = int(geo["n_vis"][b, s])
+            if n_vis == 0:
+                continue
+            lo, hi = int(geo["row_lo"][b, s]), int(geo["row_hi"][b, s])
+            n_keys = min(n_vis * block_size, n)
+            # token-level mask [Hq, R, U]: listed block and causal (local key u <= local row t)
+            listed = torch.zeros(block_index.shape[1], n_vis, dtype=torch.bool, device=q.device)
+            for h in range(block_index.shape[1]):
+                ids = block_index[b, h, s, : int(block_count[b, h, s])].long()
+                listed[h, ids[ids < n_vis]] = True
+            listed = listed.repeat_interleave(sel_per_q, 0).repeat_interleave(block_size, 1)[:, :n_keys]
+            t = torch.arange(lo, hi, device=q.device) + off - o
+            causal = torch.arange(n_keys, device=q.device)[None, :] <= t[:, None]
+            mask = listed[:, None, :] & causal[None]
+            _attend_rows(out[b, lo:hi], q[b, lo:hi], k[b, o : o + n_keys], v[b, o : o + n_keys], mask, scale)
+    return out.to(q.dtype)
+
+
+def _attend_rows(out, q_rows, k_rows, v_rows, mask, scale):
+    """``out[r, h] = softmax_u(scale q[r,h].k[u,h'] | mask[h,r,u]) . v``; rows with nothing allowed stay 0."""
+    rows, hq, _ = q_rows.shape
+    n_keys, hkv = k_rows.shape[0], k_rows.shape[1]
+    group = hq // hkv
+    chunk = max(1, _TILE_ELEMENTS // max(1, rows * n_keys))
+    for h0 in range(0, hq, chunk):
+        heads = torch.arange(h0, min(h0 + chunk, hq), device=q_rows.device)
+        qh = q_rows[:, heads].float().transpose(0, 1)  # [h, R, D]
+        kh = k_rows[:, heads // group].float().transpose(0, 1)  # [h, U, D]
+        vh = v_rows[:, heads // group].float().transpose(0, 1)
+        logits = (qh @ kh.transpose(1, 2)) * scale
+        m = mask[heads]
+        logits = logits.masked_fill(~m, -math.inf)
+        row_max = logits.amax(-1, keepdim=True)
+        # a row with no allowed key keeps a finite pivot so it yields 0 instead of NaN
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(logits - row_max)
+        denom = p.sum(-1, keepdim=True)
+        o = (p @ vh) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[:, heads] = o.transpose(0, 1)
+
+
+def flash_prefill_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float = 0.12,
+    block_size: int = 128,
+    sink_blocks: int = 2,
+    window_blocks: int = 4,
+    last_dense_blocks: int = 2,
+    min_budget: int = 0,
+    scale: float | None = None,
+    *,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    group_select: bool = False,
+    return_info: bool = False,
+):
+    """FlashPrefill in pure PyTorch: same signature and meaning as :func:`fp_kernels.flash_prefill`.
+
+    Inputs are validated the same way; any float dtype and any device are accepted.
+    """
+    from .api import validate_inputs
+
+    validate_inputs(
+        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+        kv_start, kv_end, for_kernel=False,
+    )
+    batch, q_len, hq, dim = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else float(scale)
+    start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
+    padded = kv_start is not None or kv_end is not None
+    n_slots = num_query_slots(q_len, k_len, block_size, padded)
+    geo = slot_geometry(q_len, k_len, block_size, start, end, n_slots, last_dense_blocks)
+    needs_scores = alpha > 0 or min_budget > 0
+    if needs_scores:
+        scores = block_scores_reference(q, k, block_size, scale, kv_start, kv_end)
+    else:
+        scores = torch.zeros(batch, hq, n_slots, num_key_blocks(k_len, block_size), device=q.device)
+    index, count = select_blocks_reference(
+        scores, geo["n_vis"], geo["dense"], alpha, sink_blocks, window_blocks, min_budget,
+        hq // hkv if group_select else 1,
+    )
+    out = sparse_attention_reference(q, k, v, index, count, block_size, scale, start, end)
+    if not return_info:
+        return out
+    return out, FlashPrefillInfo(
+        density=density_from_counts(count, geo["n_vis"], hq),
+        block_index=index,
+        block_count=count,
+        block_size=block_size,
+        group_select=group_select,
+    )

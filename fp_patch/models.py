@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,14 @@ def smollm2_path() -> Path:
         del config.quantization_config
     plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
+    # write to a private folder and rename: concurrent first uses (pytest -n) never see half a folder
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

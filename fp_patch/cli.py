@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in SUBCOMMANDS.items():
         _add_lazy_parser(sub, name, module, help_text, argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

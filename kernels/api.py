@@ -122,9 +122,14 @@ def validate_inputs(
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+BACKENDS = ("auto", "triton", "reference")
+
+
 def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-         min_budget, scale, group_select):
-    reason = kernel_backend_reason(q)
+         min_budget, scale, group_select, backend):
+    reason = kernel_backend_reason(q) if backend != "reference" else "backend='reference' was asked for"
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
     if reason is None:
         from .pipeline import flash_prefill_triton
 
@@ -157,17 +162,18 @@ def _flash_prefill_op(
     min_budget: int,
     scale: float,
     group_select: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, index, count = _run(
         q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-        min_budget, scale, group_select,
+        min_budget, scale, group_select, backend,
     )
     return out, index, count
 
 
 @_flash_prefill_op.register_fake
 def _(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-      min_budget, scale, group_select):
+      min_budget, scale, group_select, backend):
     batch, q_len, hq, _ = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     hsel = hkv if group_select else hq
@@ -195,6 +201,7 @@ def flash_prefill(
     kv_end: torch.Tensor | None = None,
     group_select: bool = False,
     return_info: bool = False,
+    backend: str = "auto",
 ):
     """Block-sparse causal prefill attention (FlashPrefill).
 
@@ -215,6 +222,8 @@ def flash_prefill(
         group_select: share one selection per GQA group (the union of its heads' selections)
             instead of selecting per query head.
         return_info: also return a :class:`FlashPrefillInfo` (density, block lists).
+        backend: ``"auto"`` (below), ``"triton"`` (raise if the kernels cannot run) or
+            ``"reference"`` (always :func:`flash_prefill_reference`).
 
     Causal alignment is bottom-right when ``Lq < Lk`` (a continued prefill on a cache): query row
     ``i`` sees keys ``0 .. i + Lk - Lq``. For ``Lq = 2``, ``Lk = 5`` (``x`` = attended)::
@@ -232,11 +241,13 @@ def flash_prefill(
         q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
         kv_start, kv_end, for_kernel=True,
     )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dim = q.shape[-1]
     scale = dim**-0.5 if scale is None else float(scale)
     out, index, count = _flash_prefill_op(
         q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks,
-        last_dense_blocks, min_budget, scale, group_select,
+        last_dense_blocks, min_budget, scale, group_select, backend,
     )
     if not return_info:
         return out

@@ -140,7 +140,7 @@ def sparse_attention_reference(
     see no listed key (and rows before ``kv_start``) are 0.
     """
     batch, q_len, hq, dim = q.shape
-    k_len, hkv = k.shape[1], k.shape[2]
+    k_len = k.shape[1]
     scale = dim**-0.5 if scale is None else scale
     start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
     n_slots = block_count.shape[-1]

@@ -115,9 +115,15 @@ def select_blocks_reference(
     keep &= visible
     if group_size > 1:
         keep = keep.view(batch, hq // group_size, group_size, n_slots, nkb).any(2)
+    return compact_block_mask(keep)
+
+
+def compact_block_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., nkb]`` bool -> (kept ids ascending then -1 as int32, count as int32)."""
     count = keep.sum(-1, dtype=torch.int32)
-    # stable sort puts kept ids first, in ascending order
+    # a stable sort puts the kept ids first, in ascending order
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    j = torch.arange(keep.shape[-1], device=keep.device)
     index = torch.where(j < count[..., None], order, torch.full_like(order, -1))
     return index, count
 

@@ -1,0 +1,294 @@
+"""Operator benchmark: dense SDPA (flash and cuDNN backends) against FlashPrefill, in one run.
+
+``flashprefill bench`` and ``benchmarks/bench_operator.py`` run this. Every sparse timing is
+printed with its measured density; correctness is checked before anything is timed (a timing is
+never reported for a configuration whose check failed); results are saved as JSON with the GPU
+name, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .api import flash_prefill
+from .geometry import num_query_slots
+from .synthetic import random_block_lists, structured_qkv
+
+KIB = 1024
+
+
+def causal_flops(batch: int, heads: int, q_len: int, k_len: int, dim: int) -> float:
+    """FLOPs of dense causal attention (QK^T and PV, bottom-right aligned)."""
+    off = k_len - q_len
+    pairs = q_len * off + q_len * (q_len + 1) / 2
+    return 4.0 * batch * heads * dim * pairs
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def dense_attention(q, k, v, backend: str):
+    """Causal SDPA on ``[B, L, H, D]`` inputs with K/V expanded for GQA, on one SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)
+    kt = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vt = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    return run
+
+
+def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed=0) -> float:
+    """Max relative error of ``out`` on random query rows against an fp32 recomputation from the
+    same block lists (any length: only the sampled rows are recomputed)."""
+    batch, q_len, hq, dim = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    sel_group = block_index.shape[1] != hq
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    off = k_len - q_len
+    worst = 0.0
+    for _ in range(rows):
+        b = int(torch.randint(batch, (1,), generator=gen))
+        h = int(torch.randint(hq, (1,), generator=gen))
+        i = int(torch.randint(q_len, (1,), generator=gen))
+        t = i + off
+        s = t // block_size - off // block_size
+        hs = h // group if sel_group else h
+        ids = block_index[b, hs, s, : int(block_count[b, hs, s])].long()
+        keys = (ids[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()
+        keys = keys[keys <= t]
+        kk = k[b, keys, h // group].float()
+        vv = v[b, keys, h // group].float()
+        p = torch.softmax(kk @ q[b, i, h].float() * dim**-0.5, dim=0)
+        ref = p @ vv
+        err = (out[b, i, h].float() - ref).norm() / ref.norm().clamp(min=1e-6)
+        worst = max(worst, float(err))
+    return worst
+
+
+def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, slots=16):
+    """Fraction of block decisions on sampled slots that disagree with an fp32 recomputation by more
+    than float rounding (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs."""
+    batch, q_len, hq, dim = q.shape
+    hkv = k.shape[2]
+    nkb = -(-q_len // block_size)
+    pad = nkb * block_size - q_len
+    kf = F.pad(k.float(), (0, 0, 0, 0, 0, pad)).view(batch, nkb, block_size, hkv, dim)
+    counts = torch.full((nkb,), block_size, device=k.device)
+    counts[-1] = block_size - pad
+    kbar = kf.sum(2) / counts[None, :, None, None]
+    bad = total = 0
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for _ in range(slots):
+        s = int(torch.randint(nkb, (1,), generator=gen))
+        h = int(torch.randint(hq, (1,), generator=gen))
+        n_vis = s + 1
+        if s >= nkb - last_dense_blocks or n_vis <= sink_blocks + window_blocks or info.group_select:
+            continue
+        rows = q[0, s * block_size : (s + 1) * block_size, h].float()
+        scores = torch.logsumexp(rows @ kbar[0, :n_vis, h // (hq // hkv)].T * dim**-0.5, dim=0)
+        thr = scores.max() + math.log(alpha)
+        j = torch.arange(n_vis, device=q.device)
+        want = (scores >= thr) | (j < sink_blocks) | (j >= n_vis - window_blocks)
+        got = info.block_mask(0, h)[s, :n_vis]
+        ambiguous = (scores - thr).abs() < 0.02
+        bad += int(((want != got) & ~ambiguous).sum())
+        total += n_vis
+    return bad / max(total, 1)
+
+
+def _bench(fn, *args, warmup=25, rep=100, **kwargs) -> float:
+    """Median milliseconds of ``fn(*args, **kwargs)`` (``triton.testing.do_bench``)."""
+    from functools import partial
+
+    from triton.testing import do_bench
+
+    return float(do_bench(partial(fn, *args, **kwargs), warmup=warmup, rep=rep, return_mode="median"))
+
+
+def run_benchmark(
+    lengths=(4096, 8192, 16384, 32768, 65536, 131072),
+    heads: int = 32,
+    kv_heads: int = 8,
+    dim: int = 128,
+    alpha: float = 0.18,
+    densities=(0.06, 0.2, 0.6),
+    block_size: int = 128,
+    dtype=torch.bfloat16,
+    group_modes=(False, True),
+    log=print,
+) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("the operator benchmark needs a CUDA GPU")
+    rules = {"sink_blocks": 2, "window_blocks": 4, "last_dense_blocks": 2}
+    results = {"environment": environment(), "shape": {
+        "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
+        "block_size": block_size, "alpha": alpha, **rules,
+        "inputs": "fp_kernels.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
+    }, "rows": []}
+    from .sparse_attention import sparse_attention
+
+    for seq_len in lengths:
+        q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=dtype, device="cuda",
+                                 block_size=block_size, seed=seq_len)
+        flops = causal_flops(1, heads, seq_len, seq_len, dim)
+        row = {"seq_len": seq_len, "dense_causal_tflop": flops / 1e12}
+        dense = {}
+        for backend in ("flash", "cudnn"):
+            try:
+                fn = dense_attention(q, k, v, backend)
+                dense[backend] = fn()
+                ms = _bench(fn)
+                row[f"sdpa_{backend}_ms"] = ms
+                row[f"sdpa_{backend}_tflops"] = flops / ms / 1e9
+            except RuntimeError as exc:  # a backend may not support this shape/GPU
+                row[f"sdpa_{backend}_error"] = str(exc)[:200]
+        ref_dense = dense.get("cudnn", dense.get("flash")).transpose(1, 2)
+        cudnn_ms = row.get("sdpa_cudnn_ms", row.get("sdpa_flash_ms"))
+        # the whole operator, per-head and per-group selection
+        for group_select in group_modes:
+            tag = "group" if group_select else "head"
+            out, info = flash_prefill(q, k, v, alpha, block_size, **rules, group_select=group_select,
+                                      return_info=True)
+            density = float(info.density.mean())
+            err_exec = spot_check(q, k, v, out, info.block_index, info.block_count, block_size)
+            err_dense = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
+            sel_bad = selection_check(q, k, info, alpha, block_size, **rules)
+            ok = err_exec < 2e-2 and sel_bad < 1e-3 and not torch.isnan(out).any()
+            row[f"full_{tag}_density"] = density
+            row[f"full_{tag}_err_vs_dense"] = err_dense
+            row[f"full_{tag}_check"] = {"spot_rel_err": err_exec, "selection_mismatch": sel_bad, "ok": ok}
+            if ok:
+                ms = _bench(flash_prefill, q, k, v, alpha, block_size, **rules, group_select=group_select)
+                row[f"full_{tag}_ms"] = ms
+                row[f"full_{tag}_tflops_computed"] = density * flops / ms / 1e9
+                row[f"full_{tag}_speedup_vs_cudnn"] = cudnn_ms / ms
+        # index building alone (pool + score/select/compact)
+        row["index_ms"] = _bench(_build_index, q, k, seq_len, alpha, block_size, rules)
+        row["index_pct_of_cudnn"] = 100.0 * row["index_ms"] / cudnn_ms
+        # sparse forward alone on random lists at fixed densities (diagonal always listed)
+        out_dense_lists = None
+        for target in (1.0, *densities):
+            index, count = random_block_lists(1, heads, seq_len, seq_len, block_size, target,
+                                              device="cuda", seed=seq_len)
+            n_slots = num_query_slots(seq_len, seq_len, block_size, False)
+            n_vis = torch.arange(1, n_slots + 1, device="cuda").clamp(max=n_slots)
+            density = float(count.float().sum() / (n_vis.sum() * heads))
+            out = sparse_attention(q, k, v, index, count, block_size)
+            if target == 1.0:  # every block listed must equal dense attention
+                out_dense_lists = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
+                row["sparse_all_blocks_err_vs_dense"] = out_dense_lists
+                continue
+            err = spot_check(q, k, v, out, index, count, block_size)
+            key = f"sparse_{round(target * 100)}pct"
+            row[f"{key}_density"] = density
+            if err < 2e-2 and not torch.isnan(out).any():
+                ms = _bench(sparse_attention, q, k, v, index, count, block_size)
+                row[f"{key}_ms"] = ms
+                row[f"{key}_tflops_computed"] = density * flops / ms / 1e9
+            else:
+                row[f"{key}_check_failed"] = err
+        results["rows"].append(row)
+        log(format_row(row))
+        torch.cuda.empty_cache()
+    return results
+
+
+def _build_index(q, k, seq_len, alpha, block_size, rules):
+    from .pool import pool_keys
+    from .select import select_blocks
+
+    return select_blocks(q, pool_keys(k, block_size), seq_len, alpha, block_size, **rules)
+
+
+def format_row(row: dict) -> str:
+    def g(key, fmt="{:.2f}"):
+        value = row.get(key)
+        return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+    return (
+        f"L={row['seq_len']:>6} | flash {g('sdpa_flash_ms')} ms | cudnn {g('sdpa_cudnn_ms')} ms "
+        f"({g('sdpa_cudnn_tflops', '{:.0f}')} TF/s) | ours/head {g('full_head_ms')} ms @ "
+        f"{g('full_head_density', '{:.1%}')} (x{g('full_head_speedup_vs_cudnn')}) | ours/group "
+        f"{g('full_group_ms')} ms @ {g('full_group_density', '{:.1%}')} | index {g('index_ms', '{:.3f}')} ms "
+        f"({g('index_pct_of_cudnn', '{:.1f}')}%) | sparse 6/20/60%: {g('sparse_6pct_tflops_computed', '{:.0f}')}"
+        f"/{g('sparse_20pct_tflops_computed', '{:.0f}')}/{g('sparse_60pct_tflops_computed', '{:.0f}')} TF/s"
+    )
+
+
+def markdown_table(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
+        f"date {env['date']}. B=1, {results['shape']['q_heads']}/{results['shape']['kv_heads']} heads, "
+        f"D={results['shape']['head_dim']}, bf16, alpha={results['shape']['alpha']}.",
+        "",
+        "| L | SDPA flash ms | SDPA cuDNN ms (TFLOP/s) | ours full ms (per-head) | density | x vs cuDNN "
+        "| ours full ms (per-group) | density | index ms (% cuDNN) | sparse fwd TFLOP/s @6/20/60% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        def g(key, fmt="{:.2f}", r=r):
+            value = r.get(key)
+            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+        lines.append(
+            f"| {r['seq_len'] // KIB}K | {g('sdpa_flash_ms')} | {g('sdpa_cudnn_ms')} "
+            f"({g('sdpa_cudnn_tflops', '{:.0f}')}) | {g('full_head_ms')} | {g('full_head_density', '{:.1%}')} "
+            f"| {g('full_head_speedup_vs_cudnn')} | {g('full_group_ms')} | {g('full_group_density', '{:.1%}')} "
+            f"| {g('index_ms', '{:.3f}')} ({g('index_pct_of_cudnn', '{:.1f}')}%) "
+            f"| {g('sparse_6pct_tflops_computed', '{:.0f}')} / {g('sparse_20pct_tflops_computed', '{:.0f}')} / "
+            f"{g('sparse_60pct_tflops_computed', '{:.0f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=0.18)
+    parser.add_argument("--out", type=Path, default=Path("bench_operator.json"), help="JSON results file")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_benchmark(args.lengths, args.heads, args.kv_heads, args.head_dim, args.alpha)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(markdown_table(results))
+    print(f"saved {args.out}")
+    return 0

@@ -1,0 +1,82 @@
+"""Stage 1: block-mean keys, ``k [B, Lk, Hkv, D] -> kbar [B, nkb, Hkv, D]`` (float32)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import num_key_blocks
+
+
+@triton.jit
+def _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES: tl.constexpr):
+    """``[start, end)`` of batch row ``b``, clamped to ``0 <= start <= end <= k_len``."""
+    if HAS_RANGES:
+        start = tl.minimum(tl.maximum(tl.load(KV_START + b), 0), k_len)
+        end = tl.minimum(tl.maximum(tl.load(KV_END + b), start), k_len)
+    else:
+        start = tl.full([], 0, tl.int32)
+        end = tl.full([], 0, tl.int32) + k_len
+    return start, end
+
+
+@triton.jit
+def _pool_keys_kernel(
+    K, KBAR, KV_START, KV_END,
+    stride_kb, stride_kl, stride_kh,
+    stride_ob, stride_oj, stride_oh,
+    k_len, num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+    HAS_RANGES: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    lo = start + j * BLOCK_SIZE
+    hi = tl.minimum(lo + BLOCK_SIZE, end)
+    d = tl.arange(0, BLOCK_D)
+    base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE, ROWS):
+        rows = lo + r0 + tl.arange(0, ROWS)
+        mask = (rows < hi)[:, None] & (d < HEAD_DIM)[None, :]
+        x = tl.load(base + rows.to(tl.int64)[:, None] * stride_kl + d[None, :], mask=mask, other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    count = tl.maximum(hi - lo, 1)  # blocks past the valid range are written as 0
+    out = KBAR + b.to(tl.int64) * stride_ob + j * stride_oj + h * stride_oh
+    tl.store(out + d, acc / count.to(tl.float32), mask=d < HEAD_DIM)
+
+
+def pool_keys(
+    k: torch.Tensor,
+    block_size: int,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean key of every block: ``k [B, Lk, Hkv, D] -> [B, nkb, Hkv, D]`` float32 (Triton).
+
+    Blocks start at ``kv_start[b]`` and average only valid keys; blocks past ``kv_end`` are 0.
+    Same result as :func:`fp_kernels.pool_keys_reference`.
+    """
+    batch, k_len, heads, dim = k.shape
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    nkb = num_key_blocks(k_len, block_size)
+    kbar = torch.empty(batch, nkb, heads, dim, dtype=torch.float32, device=k.device)
+    if nkb == 0:
+        return kbar
+    has_ranges = kv_start is not None
+    dummy = kbar if not has_ranges else None
+    _pool_keys_kernel[(nkb, batch * heads)](
+        k, kbar, kv_start if has_ranges else dummy, kv_end if has_ranges else dummy,
+        k.stride(0), k.stride(1), k.stride(2),
+        kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        k_len, heads,
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
+        ROWS=min(block_size, 32), HAS_RANGES=has_ranges,
+        num_warps=4,
+    )
+    return kbar

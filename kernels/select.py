@@ -1,0 +1,221 @@
+"""Stage 2: fused block scoring, max-relative thresholding and in-kernel compaction.
+
+One program per (batch, selection head, query-block slot). It computes the slot's block scores
+``T_j = logsumexp_r(scale * q_r . kbar_j)`` for every causally visible key block ``j`` with an
+online (max-shifted) reduction over the query rows, keeps the whole score row in registers (a
+``[N_CHUNKS, CHUNK]`` tile: the row length is bucketed to a power of two, so a new prompt length
+only recompiles when it crosses a bucket), thresholds it against its own maximum and writes the
+kept ids in ascending order plus their count. Nothing quadratic reaches global memory, there is no
+sort and no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import num_key_blocks, num_query_slots
+from .pool import _valid_range
+
+_CHUNK = 64  # key blocks scored per dot
+
+
+@triton.jit
+def _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
+    """Local query block, row range ``[t_lo, t_hi)`` (local positions) and visible blocks of slot ``s``."""
+    n = end - start
+    nkb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+    t_first = tl.maximum(k_len - q_len - start, 0)
+    qb = t_first // BLOCK_SIZE + s
+    t_lo = tl.maximum(qb * BLOCK_SIZE, t_first)
+    t_hi = tl.minimum((qb + 1) * BLOCK_SIZE, k_len - start)
+    n_vis = tl.minimum(qb, nkb - 1) + 1
+    valid = (t_lo < t_hi) & (n > 0)
+    return qb, t_lo, t_hi, n_vis, nkb, valid
+
+
+@triton.jit
+def _score_row(
+    q_base, stride_ql, kbar_base, stride_kj,
+    row_base, t_lo, t_hi, qb, n_vis, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+):
+    """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere."""
+    d = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, CHUNK)
+    chunk_ids = tl.arange(0, N_CHUNKS)
+    scores = tl.full([N_CHUNKS, CHUNK], float("-inf"), tl.float32)
+    if BLOCK_SIZE == ROWS:  # one row tile: load the queries once for all chunks
+        t = qb * BLOCK_SIZE + tl.arange(0, ROWS)
+        row_ok = (t >= t_lo) & (t < t_hi)
+        q = tl.load(
+            q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
+            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
+        )
+    for c in range(0, tl.cdiv(n_vis, CHUNK)):
+        j = c * CHUNK + cols
+        kbar = tl.load(
+            kbar_base + j[:, None] * stride_kj + d[None, :],
+            mask=(j < n_vis)[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
+        )
+        m = tl.full([CHUNK], float("-inf"), tl.float32)
+        acc = tl.zeros([CHUNK], tl.float32)
+        for r0 in range(0, BLOCK_SIZE, ROWS):
+            if BLOCK_SIZE != ROWS:
+                t = qb * BLOCK_SIZE + r0 + tl.arange(0, ROWS)
+                row_ok = (t >= t_lo) & (t < t_hi)
+                q = tl.load(
+                    q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
+                    mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
+                )
+            s = tl.dot(q, tl.trans(kbar.to(q.dtype))) * scale_log2
+            s = tl.where(row_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            # every slot has a valid row, so m_new is finite after the first tile with one
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[None, :]), axis=0)
+            m = m_new
+        t_chunk = tl.where(j < n_vis, m + tl.log2(acc), float("-inf"))
+        scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
+    return scores
+
+
+@triton.jit
+def _select_blocks_kernel(
+    Q, KBAR, KV_START, KV_END, INDEX, COUNT,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kj, stride_kh,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    q_len, k_len, num_sel_heads, n_slots,
+    scale_log2, log2_alpha,
+    sink_blocks, window_blocks, last_dense_blocks, min_budget,
+    GROUP: tl.constexpr, SEL_GROUP: tl.constexpr, SCORE: tl.constexpr, HAS_BUDGET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr,
+):
+    s = n_slots - 1 - tl.program_id(0)  # long rows first
+    bh = tl.program_id(1)
+    b = bh // num_sel_heads
+    hsel = bh % num_sel_heads
+    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    qb, t_lo, t_hi, n_vis, nkb, valid = _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
+    n_vis = tl.where(valid, n_vis, 0)
+    index_base = INDEX + b.to(tl.int64) * stride_ib + hsel * stride_ih + s * stride_is
+    count_ptr = COUNT + b * stride_cb + hsel * stride_ch + s
+    dense = (qb >= nkb - last_dense_blocks) | (n_vis <= sink_blocks + window_blocks)
+    if not SCORE:
+        dense = n_vis >= 0
+    cols = tl.arange(0, CHUNK)
+    if dense:
+        for c in range(0, tl.cdiv(n_vis, CHUNK)):
+            j = c * CHUNK + cols
+            tl.store(index_base + j, j, mask=j < n_vis)
+        tl.store(count_ptr, n_vis)
+    else:
+        j2 = tl.arange(0, N_CHUNKS)[:, None] * CHUNK + cols[None, :]
+        visible = j2 < n_vis
+        keep = visible & ((j2 < sink_blocks) | (j2 >= n_vis - window_blocks))
+        row_base = start - (k_len - q_len)  # local position t is query row t + row_base
+        heads = GROUP if SEL_GROUP else 1
+        for g in range(0, heads):
+            if SEL_GROUP:
+                h = hsel * GROUP + g
+            else:
+                h = hsel + g
+            hkv = h // GROUP
+            scores = _score_row(
+                Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_ql,
+                KBAR + b.to(tl.int64) * stride_kb + hkv * stride_kh, stride_kj,
+                row_base, t_lo, t_hi, qb, n_vis, scale_log2,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS,
+            )
+            keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha
+            if HAS_BUDGET:
+                # the min_budget-th largest score (ties included): walk the distinct values downwards
+                prev = tl.full([], float("inf"), tl.float32)
+                kth = tl.full([], float("-inf"), tl.float32)
+                found = tl.full([], 0, tl.int32)
+                for _ in range(0, min_budget):
+                    below = tl.where(scores < prev, scores, float("-inf"))
+                    cur = tl.max(tl.max(below, axis=1), axis=0)
+                    n_ge = tl.sum(tl.sum((scores >= cur).to(tl.int32), axis=1), axis=0)
+                    hit = (n_ge >= min_budget) & (found == 0)
+                    kth = tl.where(hit, cur, kth)
+                    found = tl.where(hit, 1, found)
+                    prev = cur
+                keep |= scores >= kth
+            keep &= visible
+        # compaction: exclusive prefix sum over the flattened row gives each kept id its slot
+        kept = keep.to(tl.int32)
+        per_chunk = tl.sum(kept, axis=1)
+        before = tl.cumsum(per_chunk, axis=0) - per_chunk
+        pos = before[:, None] + tl.cumsum(kept, axis=1) - 1
+        tl.store(index_base + pos, j2, mask=keep)
+        tl.store(count_ptr, tl.sum(per_chunk, axis=0))
+
+
+def select_blocks(
+    q: torch.Tensor,
+    kbar: torch.Tensor | None,
+    k_len: int,
+    alpha: float,
+    block_size: int = 128,
+    sink_blocks: int = 2,
+    window_blocks: int = 4,
+    last_dense_blocks: int = 2,
+    min_budget: int = 0,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    group_select: bool = False,
+    num_kv_heads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and threshold key blocks; write compact ascending lists (Triton).
+
+    ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` float32 from :func:`pool_keys` (may be None when
+    ``alpha == 0`` and ``min_budget == 0``: nothing is scored). Returns
+    ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
+    ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
+    float rounding of scores that sit on the threshold.
+    """
+    batch, q_len, hq, dim = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    hkv = kbar.shape[2] if kbar is not None else num_kv_heads
+    group = hq // hkv
+    hsel = hkv if group_select else hq
+    scale = dim**-0.5 if scale is None else scale
+    has_ranges = kv_start is not None
+    n_slots = num_query_slots(q_len, k_len, block_size, has_ranges)
+    nkb = num_key_blocks(k_len, block_size)
+    index = torch.empty(batch, hsel, n_slots, nkb, dtype=torch.int32, device=q.device)
+    count = torch.empty(batch, hsel, n_slots, dtype=torch.int32, device=q.device)
+    if n_slots == 0 or nkb == 0:
+        return index, count.zero_()
+    score = alpha > 0 or min_budget > 0
+    if kbar is None:
+        if score:
+            raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
+        kbar = q.new_zeros(1, 1, 1, dim, dtype=torch.float32)
+    chunk = min(_CHUNK, triton.next_power_of_2(nkb))
+    rows = min(block_size, 128 if dim <= 128 else 64)
+    _select_blocks_kernel[(n_slots, batch * hsel)](
+        q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
+        q.stride(0), q.stride(1), q.stride(2),
+        kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        index.stride(0), index.stride(1), index.stride(2),
+        count.stride(0), count.stride(1),
+        q_len, k_len, hsel, n_slots,
+        scale * math.log2(math.e), math.log2(alpha) if alpha > 0 else -math.inf,
+        sink_blocks, window_blocks, last_dense_blocks, min_budget,
+        GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
+        CHUNK=chunk, N_CHUNKS=triton.next_power_of_2(nkb) // chunk, HAS_RANGES=has_ranges,
+        num_warps=8 if rows * triton.next_power_of_2(dim) >= 128 * 128 else 4,
+    )
+    return index, count

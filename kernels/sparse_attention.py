@@ -1,0 +1,192 @@
+"""Stage 3: index-driven block-sparse causal attention forward.
+
+One program per (batch, query head, query tile). It walks its slot's compact list of key blocks
+and jumps straight to each one (FlashAttention-2 online softmax, base-2 exponentials). Only the
+last listed block can straddle the diagonal or the end of the valid keys (lists are ascending and
+every earlier block lies fully below the diagonal), so the main loop runs without masks and the
+last block is done once with them. K/V are indexed per kv head (GQA without repeating K/V).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pool import _valid_range
+from .select import _slot_rows
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, t, u, n,
+    stride_kl, stride_vl, d_ok, scale_log2,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if MASKED:
+        key_ok = u < n
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
+        qk = tl.where((u[None, :] <= t[:, None]) & key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    if MASKED:
+        # a row with no valid key keeps a finite pivot, so it yields 0 instead of NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    rescale = tl.exp2(m_i - m_new)
+    l_i = l_i * rescale + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    q_len, k_len, num_q_heads, n_slots, scale_log2,
+    GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
+):
+    TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    pid = n_slots * TILES_M - 1 - tl.program_id(0)  # long rows first
+    s = pid // TILES_M
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hkv = h // GROUP
+    if SEL_GROUP:
+        hsel = hkv
+    else:
+        hsel = h
+    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    qb, t_lo, t_hi, n_vis, nkb, valid = _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
+    t = qb * BLOCK_SIZE + (pid % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_hi = tl.where(valid, t_hi, t_lo)  # (a 0-d bool does not broadcast into masks in the interpreter)
+    row_ok = (t >= t_lo) & (t < t_hi)
+    if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+        return
+    n = end - start
+    row_base = start - (k_len - q_len)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + (t + row_base).to(tl.int64)[:, None] * stride_ql
+    q = tl.load(q_ptrs + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv * stride_kh + start.to(tl.int64) * stride_kl + d[None, :]
+    v_base = V + b.to(tl.int64) * stride_vb + hkv * stride_vh + start.to(tl.int64) * stride_vl + d[None, :]
+    index_base = INDEX + b.to(tl.int64) * stride_ib + hsel * stride_ih + s * stride_is
+    count = tl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    # every listed block but the last: fully valid and fully below the diagonal
+    for it in range(0, (count - 1) * TILES_N):
+        kb = tl.load(index_base + it // TILES_N)
+        u = kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N + cols
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q,
+            k_base + u.to(tl.int64)[:, None] * stride_kl, v_base + u.to(tl.int64)[:, None] * stride_vl,
+            t, u, n, stride_kl, stride_vl, d_ok, scale_log2,
+            False, HEAD_DIM, BLOCK_D,
+        )
+    if count > 0:
+        kb = tl.load(index_base + count - 1)
+        for sub in range(0, TILES_N):
+            u = kb * BLOCK_SIZE + sub * BLOCK_N + cols
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q,
+                k_base + u.to(tl.int64)[:, None] * stride_kl, v_base + u.to(tl.int64)[:, None] * stride_vl,
+                t, u, n, stride_kl, stride_vl, d_ok, scale_log2,
+                True, HEAD_DIM, BLOCK_D,
+            )
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
+    tl.store(o_ptrs + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _tile_config(block_size: int, dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile shape by shape class (head dim, block size, dtype), never by sequence length."""
+    if interpret:
+        return {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+    if dim <= 64:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    elif dim <= 128:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    return cfg
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Causal attention over the listed key blocks only (Triton).
+
+    ``q [B, Lq, Hq, D]``, ``k``/``v [B, Lk, Hkv, D]``; ``block_index [B, Hsel, S, nkb]`` int32 with
+    ascending ids, the first ``block_count [B, Hsel, S]`` valid; ``Hsel`` is ``Hq`` (per head) or
+    ``Hkv`` (per GQA group). Returns ``[B, Lq, Hq, D]`` contiguous in ``q.dtype``; rows that see no
+    listed key, and rows before ``kv_start``, are 0. Same result as
+    :func:`fp_kernels.sparse_attention_reference`. ``config`` overrides the tile choice
+    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) for benchmarking.
+    """
+    batch, q_len, hq, dim = q.shape
+    k_len, hkv = k.shape[1], k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    scale = dim**-0.5 if scale is None else scale
+    has_ranges = kv_start is not None
+    n_slots = block_count.shape[-1]
+    # rows before kv_start belong to no slot: they must read as 0
+    out = (torch.zeros if has_ranges else torch.empty)(batch, q_len, hq, dim, dtype=q.dtype, device=q.device)
+    if n_slots == 0 or q_len == 0:
+        return out
+    import os
+
+    cfg = dict(_tile_config(block_size, dim, q.dtype, os.environ.get("TRITON_INTERPRET") == "1"))
+    cfg.update(config or {})
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    grid = (n_slots * (block_size // block_m), batch * hq)
+    _sparse_attention_kernel[grid](
+        q, k, v, out, block_index, block_count,
+        kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        block_index.stride(0), block_index.stride(1), block_index.stride(2),
+        block_count.stride(0), block_count.stride(1),
+        q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
+        GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
+        **cfg,
+    )
+    return out

@@ -28,7 +28,7 @@ def main():
         n_slots = count.shape[-1]
         density = float(count.float().sum() / (heads * n_slots * (n_slots + 1) / 2))
         flops = causal_flops(1, heads, args.seq_len, args.seq_len, dim) * density
-        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
             try:
                 out = sparse_attention(q, k, v, index, count, 128, config=cfg)

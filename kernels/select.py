@@ -21,6 +21,7 @@ from .geometry import num_key_blocks, num_query_slots
 from .pool import _valid_range
 
 _CHUNK = 64  # key blocks scored per dot
+_MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 
 @triton.jit
@@ -150,13 +151,14 @@ def _select_blocks_kernel(
                     prev = cur
                 keep |= scores >= kth
             keep &= visible
-        # compaction: exclusive prefix sum over the flattened row gives each kept id its slot
-        kept = keep.to(tl.int32)
-        per_chunk = tl.sum(kept, axis=1)
-        before = tl.cumsum(per_chunk, axis=0) - per_chunk
-        pos = before[:, None] + tl.cumsum(kept, axis=1) - 1
-        tl.store(index_base + pos, j2, mask=keep)
-        tl.store(count_ptr, tl.sum(per_chunk, axis=0))
+        # compaction: a prefix sum over the flattened row (ids in order) gives each kept id its place;
+        # the row holds >= 256 entries so the scan spans every thread (smaller scans hit a Triton
+        # lowering assertion on sm_90)
+        kept = tl.reshape(keep.to(tl.int32), [N_CHUNKS * CHUNK])
+        ids = tl.arange(0, N_CHUNKS * CHUNK)
+        pos = tl.cumsum(kept, axis=0) - 1
+        tl.store(index_base + pos, ids, mask=kept != 0)
+        tl.store(count_ptr, tl.sum(kept, axis=0))
 
 
 def select_blocks(
@@ -202,7 +204,8 @@ def select_blocks(
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
         kbar = q.new_zeros(1, 1, 1, dim, dtype=torch.float32)
-    chunk = min(_CHUNK, triton.next_power_of_2(nkb))
+    chunk = _CHUNK
+    n_chunks = max(triton.next_power_of_2(nkb) // chunk, _MIN_ROW // chunk)
     rows = min(block_size, 128 if dim <= 128 else 64)
     _select_blocks_kernel[(n_slots, batch * hsel)](
         q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
@@ -215,7 +218,7 @@ def select_blocks(
         sink_blocks, window_blocks, last_dense_blocks, min_budget,
         GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
-        CHUNK=chunk, N_CHUNKS=triton.next_power_of_2(nkb) // chunk, HAS_RANGES=has_ranges,
+        CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,
         num_warps=8 if rows * triton.next_power_of_2(dim) >= 128 * 128 else 4,
     )
     return index, count

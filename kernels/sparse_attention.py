@@ -19,8 +19,7 @@ from .select import _slot_rows
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, t, u, n,
-    stride_kl, stride_vl, d_ok, scale_log2,
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, t, u, n, d_ok, scale_log2,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     if MASKED:
@@ -30,14 +29,14 @@ def _attend_block(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where((u[None, :] <= t[:, None]) & key_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale_log2)
     if MASKED:
         # a row with no valid key keeps a finite pivot, so it yields 0 instead of NaN
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     if MASKED:
@@ -89,33 +88,32 @@ def _sparse_attention_kernel(
     d_ok = d < HEAD_DIM
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + (t + row_base).to(tl.int64)[:, None] * stride_ql
     q = tl.load(q_ptrs + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hkv * stride_kh + start.to(tl.int64) * stride_kl + d[None, :]
-    v_base = V + b.to(tl.int64) * stride_vb + hkv * stride_vh + start.to(tl.int64) * stride_vl + d[None, :]
+    # per-head bases are scalars; the [BLOCK_N, BLOCK_D] offsets inside a tile are loop-invariant int32
+    k_head = K + b.to(tl.int64) * stride_kb + hkv * stride_kh + start.to(tl.int64) * stride_kl
+    v_head = V + b.to(tl.int64) * stride_vb + hkv * stride_vh + start.to(tl.int64) * stride_vl
+    cols = tl.arange(0, BLOCK_N)
+    k_tile = cols[:, None] * stride_kl + d[None, :]
+    v_tile = cols[:, None] * stride_vl + d[None, :]
     index_base = INDEX + b.to(tl.int64) * stride_ib + hsel * stride_ih + s * stride_is
     count = tl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
     # every listed block but the last: fully valid and fully below the diagonal
     for it in range(0, (count - 1) * TILES_N):
         kb = tl.load(index_base + it // TILES_N)
-        u = kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N + cols
+        u0 = (kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N).to(tl.int64)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q,
-            k_base + u.to(tl.int64)[:, None] * stride_kl, v_base + u.to(tl.int64)[:, None] * stride_vl,
-            t, u, n, stride_kl, stride_vl, d_ok, scale_log2,
-            False, HEAD_DIM, BLOCK_D,
+            acc, m_i, l_i, q, k_head + u0 * stride_kl + k_tile, v_head + u0 * stride_vl + v_tile,
+            t, u0 + cols, n, d_ok, scale_log2, False, HEAD_DIM, BLOCK_D,
         )
     if count > 0:
         kb = tl.load(index_base + count - 1)
         for sub in range(0, TILES_N):
-            u = kb * BLOCK_SIZE + sub * BLOCK_N + cols
+            u0 = (kb * BLOCK_SIZE + sub * BLOCK_N).to(tl.int64)
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q,
-                k_base + u.to(tl.int64)[:, None] * stride_kl, v_base + u.to(tl.int64)[:, None] * stride_vl,
-                t, u, n, stride_kl, stride_vl, d_ok, scale_log2,
-                True, HEAD_DIM, BLOCK_D,
+                acc, m_i, l_i, q, k_head + u0 * stride_kl + k_tile, v_head + u0 * stride_vl + v_tile,
+                t, u0 + cols, n, d_ok, scale_log2, True, HEAD_DIM, BLOCK_D,
             )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
@@ -129,7 +127,7 @@ def _tile_config(block_size: int, dim: int, dtype: torch.dtype, interpret: bool)
     if dim <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     elif dim <= 128:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
     else:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)

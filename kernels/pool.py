@@ -47,7 +47,7 @@ def _pool_keys_kernel(
         acc += tl.sum(x.to(tl.float32), axis=0)
     count = tl.maximum(hi - lo, 1)  # blocks past the valid range are written as 0
     out = KBAR + b.to(tl.int64) * stride_ob + j * stride_oj + h * stride_oh
-    tl.store(out + d, acc / count.to(tl.float32), mask=d < HEAD_DIM)
+    tl.store(out + d, (acc / count.to(tl.float32)).to(KBAR.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def pool_keys(
@@ -55,17 +55,20 @@ def pool_keys(
     block_size: int,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Mean key of every block: ``k [B, Lk, Hkv, D] -> [B, nkb, Hkv, D]`` float32 (Triton).
+    """Mean key of every block: ``k [B, Lk, Hkv, D] -> [B, nkb, Hkv, D]`` (Triton).
 
-    Blocks start at ``kv_start[b]`` and average only valid keys; blocks past ``kv_end`` are 0.
-    Same result as :func:`fp_kernels.pool_keys_reference`.
+    Sums are accumulated in float32 and rounded once to ``out_dtype`` (default ``k.dtype``: the
+    scoring matmul then runs on the tensor cores at the input precision). Blocks start at
+    ``kv_start[b]`` and average only valid keys; blocks past ``kv_end`` are 0. Same result as
+    :func:`fp_kernels.pool_keys_reference` up to that rounding.
     """
     batch, k_len, heads, dim = k.shape
     if k.stride(-1) != 1:
         k = k.contiguous()
     nkb = num_key_blocks(k_len, block_size)
-    kbar = torch.empty(batch, nkb, heads, dim, dtype=torch.float32, device=k.device)
+    kbar = torch.empty(batch, nkb, heads, dim, dtype=out_dtype or k.dtype, device=k.device)
     if nkb == 0:
         return kbar
     has_ranges = kv_start is not None

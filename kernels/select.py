@@ -176,11 +176,13 @@ def select_blocks(
     kv_end: torch.Tensor | None = None,
     group_select: bool = False,
     num_kv_heads: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score and threshold key blocks; write compact ascending lists (Triton).
 
-    ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` float32 from :func:`pool_keys` (may be None when
-    ``alpha == 0`` and ``min_budget == 0``: nothing is scored). Returns
+    ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
+    ``alpha == 0`` and ``min_budget == 0``: nothing is scored). ``config`` overrides ``CHUNK`` (key
+    blocks per dot) and ``num_warps`` for benchmarking. Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
     float rounding of scores that sit on the threshold.
@@ -203,9 +205,11 @@ def select_blocks(
     if kbar is None:
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
-        kbar = q.new_zeros(1, 1, 1, dim, dtype=torch.float32)
-    chunk = _CHUNK
-    n_chunks = max(triton.next_power_of_2(nkb) // chunk, _MIN_ROW // chunk)
+        kbar = q.new_zeros(1, 1, 1, dim)
+    cfg = {"CHUNK": _CHUNK, "num_warps": 8 if min(block_size, 128) * triton.next_power_of_2(dim) >= 128 * 128 else 4}
+    cfg.update(config or {})
+    chunk = cfg.pop("CHUNK")
+    n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))
     rows = min(block_size, 128 if dim <= 128 else 64)
     _select_blocks_kernel[(n_slots, batch * hsel)](
         q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
@@ -219,6 +223,6 @@ def select_blocks(
         GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
         CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,
-        num_warps=8 if rows * triton.next_power_of_2(dim) >= 128 * 128 else 4,
+        **cfg,
     )
     return index, count

@@ -18,20 +18,23 @@ from .select import _slot_rows
 
 
 @triton.jit
-def _attend_block(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, t, u, n, d_ok, scale_log2,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    if MASKED:
-        key_ok = u < n
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)
+def _load_tile(desc, ptrs, u0, u, n, d_ok, MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_D: tl.constexpr):
+    """One [BLOCK_N, BLOCK_D] K or V tile starting at local key ``u0`` (zeros past ``n`` / ``HEAD_DIM``)."""
+    if USE_TMA:
+        return desc.load([u0.to(tl.int32), 0])  # the copy engine zero-fills rows past n
+    elif MASKED:
+        return tl.load(ptrs, mask=(u < n)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
     else:
-        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.constexpr):
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        qk = tl.where((u[None, :] <= t[:, None]) & key_ok[None, :], qk, float("-inf"))
+        qk = tl.where((u[None, :] <= t[:, None]) & (u < n)[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale_log2)
     if MASKED:
         # a row with no valid key keeps a finite pivot, so it yields 0 instead of NaN
@@ -39,12 +42,6 @@ def _attend_block(
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -62,6 +59,7 @@ def _sparse_attention_kernel(
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -94,27 +92,34 @@ def _sparse_attention_kernel(
     cols = tl.arange(0, BLOCK_N)
     k_tile = cols[:, None] * stride_kl + d[None, :]
     v_tile = cols[:, None] * stride_vl + d[None, :]
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_head, [n, HEAD_DIM], [stride_kl, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head, [n, HEAD_DIM], [stride_vl, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_head
+        v_desc = v_head
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     index_base = INDEX + b.to(tl.int64) * stride_ib + hsel * stride_ih + s * stride_is
     count = tl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # every listed block but the last: fully valid and fully below the diagonal
-    for it in range(0, (count - 1) * TILES_N):
+    for it in tl.range(0, (count - 1) * TILES_N, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(index_base + it // TILES_N)
         u0 = (kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N).to(tl.int64)
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_head + u0 * stride_kl + k_tile, v_head + u0 * stride_vl + v_tile,
-            t, u0 + cols, n, d_ok, scale_log2, False, HEAD_DIM, BLOCK_D,
-        )
+        u = u0 + cols
+        k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
+        v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, False)
     if count > 0:
         kb = tl.load(index_base + count - 1)
         for sub in range(0, TILES_N):
             u0 = (kb * BLOCK_SIZE + sub * BLOCK_N).to(tl.int64)
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_head + u0 * stride_kl + k_tile, v_head + u0 * stride_vl + v_tile,
-                t, u0 + cols, n, d_ok, scale_log2, True, HEAD_DIM, BLOCK_D,
-            )
+            u = u0 + cols
+            k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
+            v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
     tl.store(o_ptrs + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -133,6 +138,28 @@ def _tile_config(block_size: int, dim: int, dtype: torch.dtype, interpret: bool)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     return cfg
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """The copy engine needs sm_90+, a 16-byte aligned base and 16-byte multiple row strides."""
+    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for x in tensors:
+        size = x.element_size()
+        if x.data_ptr() % 16 or any((st * size) % 16 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+_TMA_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a small global scratch buffer per launch."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _TMA_ALLOCATOR_SET = True
 
 
 def sparse_attention(
@@ -168,9 +195,14 @@ def sparse_attention(
         return out
     import os
 
-    cfg = dict(_tile_config(block_size, dim, q.dtype, os.environ.get("TRITON_INTERPRET") == "1"))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    cfg = dict(_tile_config(block_size, dim, q.dtype, interpret))
     cfg.update(config or {})
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)
+    if use_tma:
+        _ensure_tma_allocator()
+    warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
     _sparse_attention_kernel[grid](
         q, k, v, out, block_index, block_count,
@@ -185,6 +217,7 @@ def sparse_attention(
         GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
+        USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
         **cfg,
     )
     return out

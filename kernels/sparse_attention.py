@@ -125,16 +125,21 @@ def _sparse_attention_kernel(
     tl.store(o_ptrs + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _tile_config(block_size: int, dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile shape by shape class (head dim, block size, dtype), never by sequence length."""
+def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
+    """Tiles by shape class (head dim, block size, GPU generation), never by sequence length.
+
+    From the H100 sweeps in benchmarks/results/dev (sweep_tiles.py): D=128 peaks at 128x128 tiles,
+    8 warps, 3 stages (warp specialization +2-3 %, TMA loads +-0 %); D=64 at 128x64, 4 warps.
+    """
     if interpret:
         return {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9
     if dim <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     elif dim <= 128:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": hopper}
     else:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     return cfg
@@ -173,6 +178,7 @@ def sparse_attention(
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over the listed key blocks only (Triton).
 
@@ -181,7 +187,9 @@ def sparse_attention(
     ``Hkv`` (per GQA group). Returns ``[B, Lq, Hq, D]`` contiguous in ``q.dtype``; rows that see no
     listed key, and rows before ``kv_start``, are 0. Same result as
     :func:`fp_kernels.sparse_attention_reference`. ``config`` overrides the tile choice
-    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``) for benchmarking.
+    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) for
+    benchmarking. ``out`` (``[B, Lq, Hq, D]``, ``q.dtype``, unit last stride) is written in place
+    when given; every element is written.
     """
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
@@ -189,14 +197,20 @@ def sparse_attention(
     scale = dim**-0.5 if scale is None else scale
     has_ranges = kv_start is not None
     n_slots = block_count.shape[-1]
-    # rows before kv_start belong to no slot: they must read as 0
-    out = (torch.zeros if has_ranges else torch.empty)(batch, q_len, hq, dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, q_len, hq, dim, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)}")
+    if has_ranges:
+        # rows before kv_start belong to no slot: they read as 0 (device-side, no host sync)
+        before = torch.arange(q_len, device=q.device)[None, :] < (kv_start.long() - (k_len - q_len))[:, None]
+        out.masked_fill_(before[:, :, None, None], 0)
     if n_slots == 0 or q_len == 0:
         return out
     import os
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    cfg = dict(_tile_config(block_size, dim, q.dtype, interpret))
+    cfg = _tile_config(block_size, dim, q.device, interpret)
     cfg.update(config or {})
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .geometry import normalize_ranges
 from .pool import _valid_range
 from .select import _slot_rows
 
@@ -202,9 +203,11 @@ def sparse_attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with unit last stride, got {tuple(out.shape)}")
     if has_ranges:
-        # rows before kv_start belong to no slot: they read as 0 (device-side, no host sync)
-        before = torch.arange(q_len, device=q.device)[None, :] < (kv_start.long() - (k_len - q_len))[:, None]
-        out.masked_fill_(before[:, :, None, None], 0)
+        # rows before kv_start, and rows of a row with no valid key, belong to no slot: they read as 0
+        start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
+        unseen = torch.arange(q_len, device=q.device)[None, :] < (start.long() - (k_len - q_len))[:, None]
+        unseen |= (end <= start)[:, None]
+        out.masked_fill_(unseen[:, :, None, None], 0)
     if n_slots == 0 or q_len == 0:
         return out
     import os

@@ -1,0 +1,426 @@
+"""``flashprefill calibrate``: choose alpha for a model from measurements instead of by hand.
+
+Three searches, all on the model's real forward passes over prompts of plain prose:
+
+1. **Target density** (the paper's recipe: ~70 % of causal blocks computed at 4K). Block density
+   falls as alpha grows, so alpha is found by a bracketed search on ``log10(alpha)``: bisection
+   whose next point is the log-linear interpolation of the bracket ends, kept inside the middle 80 %
+   of the bracket (a safeguarded regula falsi: the bracket shrinks every step, as in bisection, but
+   usually in 3-5 forward passes rather than 10).
+2. **Per layer** (``per_layer=True``): the same search for every sparse layer at once, each layer
+   keeping its own bracket and reading its own density from the same forward passes.
+3. **Accuracy-constrained** (``accuracy_tolerance``): the largest alpha whose accuracy on an eval
+   suite stays within the tolerance (in points) of dense attention, by bisection between a known
+   good alpha and ``alpha_max``, assuming accuracy does not rise with alpha.
+
+The result is a :class:`fp_patch.FlashPrefillConfig` (``config.to_json(path)``,
+``FlashPrefillConfig.from_json(path)``, ``fp_patch.configure(model, config)``), plus a JSON report
+of every measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ALPHA_MIN = 1e-4  # below this every block of a real model is kept: the search treats it as "dense"
+
+
+# ----------------------------------------------------------------------------- pure searches
+
+
+def _next_point(lo: float, hi: float, d_lo: float | None, d_hi: float | None, target: float) -> float:
+    """Next log10(alpha) inside (lo, hi): interpolated when both ends are measured, kept in the middle 80 %."""
+    mid = 0.5 * (lo + hi)
+    if d_lo is None or d_hi is None or d_lo == d_hi:
+        return mid
+    t = (d_lo - target) / (d_lo - d_hi)
+    return lo + min(0.9, max(0.1, t)) * (hi - lo)
+
+
+def bisect_alpha(
+    density_fn: Callable[[float], float],
+    target: float,
+    *,
+    alpha_min: float = ALPHA_MIN,
+    alpha_max: float = 1.0,
+    tol: float = 0.01,
+    max_steps: int = 12,
+) -> tuple[float, float, list[dict]]:
+    """Alpha whose ``density_fn(alpha)`` is within ``tol`` of ``target`` (density falls with alpha).
+
+    Returns ``(alpha, density, history)``: the measured alpha closest to the target (ties: the denser
+    one), its density, and every ``{"alpha", "density"}`` measured. When the target is out of reach
+    the nearest end is returned (logged): ``alpha_max`` when even it computes more than the target
+    (at short lengths the always-kept sink/window blocks alone can exceed it), ``alpha_min`` when
+    even that computes less.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target density must be in (0, 1], got {target!r}")
+    if not 0.0 < alpha_min < alpha_max <= 1.0:
+        raise ValueError(f"need 0 < alpha_min < alpha_max <= 1, got {alpha_min!r}, {alpha_max!r}")
+    history: list[dict] = []
+
+    def measure(alpha: float) -> float:
+        density = float(density_fn(alpha))
+        history.append({"alpha": alpha, "density": density})
+        logger.info("calibrate: alpha=%.5g -> density %.4f (target %.3f)", alpha, density, target)
+        return density
+
+    def best():
+        h = min(history, key=lambda r: (abs(r["density"] - target), -r["density"]))
+        return h["alpha"], h["density"], history
+
+    lo, hi = math.log10(alpha_min), math.log10(alpha_max)
+    d_hi = measure(alpha_max)
+    if d_hi >= target - tol:
+        if d_hi > target + tol:
+            logger.warning("calibrate: density %.3f at alpha_max=%g is above the target %.3f", d_hi, alpha_max, target)
+        return best()
+    d_lo = measure(alpha_min)
+    if d_lo <= target + tol:
+        if d_lo < target - tol:
+            logger.warning("calibrate: density %.3f at alpha_min=%g is below the target %.3f", d_lo, alpha_min, target)
+        return best()
+    for _ in range(max_steps):
+        x = _next_point(lo, hi, d_lo, d_hi, target)
+        d = measure(10.0**x)
+        if abs(d - target) <= tol:
+            break
+        if d > target:
+            lo, d_lo = x, d
+        else:
+            hi, d_hi = x, d
+    return best()
+
+
+def bisect_layer_alphas(
+    layer_density_fn: Callable[[Mapping[int, float]], Mapping[int, float]],
+    target: float,
+    layers: Sequence[int],
+    *,
+    alpha_min: float = ALPHA_MIN,
+    alpha_max: float = 1.0,
+    tol: float = 0.01,
+    max_steps: int = 12,
+    start: Mapping[int, float] | None = None,
+) -> tuple[dict[int, float], dict[int, float], list[dict]]:
+    """One alpha per layer, all searched together: ``layer_density_fn({layer: alpha})`` runs the model
+    once with those alphas and returns ``{layer: density}``. Each layer keeps its own bracket.
+
+    A layer's density also depends (weakly) on the layers below it; the search treats each layer
+    on its own and stops once every layer is within ``tol`` or after ``max_steps`` passes. Returns
+    ``(alphas, densities, history)`` with, for each layer, the measured alpha nearest its target.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target density must be in (0, 1], got {target!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("no layers to calibrate (every layer is dense?)")
+    lo = {i: math.log10(alpha_min) for i in layers}
+    hi = {i: math.log10(alpha_max) for i in layers}
+    d_lo: dict[int, float | None] = dict.fromkeys(layers)
+    d_hi: dict[int, float | None] = dict.fromkeys(layers)
+    start = start or {}
+    middle = 10 ** (0.5 * (math.log10(alpha_min) + math.log10(alpha_max)))
+    current = {i: math.log10(min(alpha_max, max(alpha_min, start.get(i, middle)))) for i in layers}
+    history: list[dict] = []
+    best: dict[int, tuple[float, float]] = {}
+    for _ in range(max_steps):
+        alphas = {i: 10.0 ** current[i] for i in layers}
+        measured = layer_density_fn(alphas)
+        history.append({"alphas": alphas, "densities": {i: float(measured[i]) for i in layers}})
+        for i in layers:
+            d = float(measured[i])
+            if i not in best or (abs(d - target), -d) < (abs(best[i][1] - target), -best[i][1]):
+                best[i] = (alphas[i], d)
+            if d > target:
+                lo[i], d_lo[i] = current[i], d
+            else:
+                hi[i], d_hi[i] = current[i], d
+        if all(abs(best[i][1] - target) <= tol for i in layers):
+            break
+        current = {i: _next_point(lo[i], hi[i], d_lo[i], d_hi[i], target) for i in layers}
+    return {i: best[i][0] for i in layers}, {i: best[i][1] for i in layers}, history
+
+
+def largest_alpha_within(
+    accuracy_fn: Callable[[float], float],
+    floor: float,
+    *,
+    alpha_good: float,
+    alpha_max: float = 1.0,
+    steps: int = 5,
+) -> tuple[float, list[dict]]:
+    """Largest alpha in ``[alpha_good, alpha_max]`` with ``accuracy_fn(alpha) >= floor``.
+
+    ``alpha_good`` is assumed to pass (it is measured too; if it fails it is still returned, with a
+    warning). Bisection on ``log10(alpha)``, ``steps`` evaluations after the two ends.
+    """
+    history: list[dict] = []
+
+    def passes(alpha: float) -> bool:
+        acc = float(accuracy_fn(alpha))
+        history.append({"alpha": alpha, "accuracy": acc, "passes": acc >= floor})
+        logger.info("calibrate: alpha=%.5g -> accuracy %.2f (floor %.2f)", alpha, acc, floor)
+        return acc >= floor
+
+    if passes(alpha_max):
+        return alpha_max, history
+    if not passes(alpha_good):
+        logger.warning("calibrate: even alpha=%g misses the accuracy floor %.2f", alpha_good, floor)
+        return alpha_good, history
+    lo, hi = math.log10(max(alpha_good, ALPHA_MIN)), math.log10(alpha_max)
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if passes(10.0**mid):
+            lo = mid
+        else:
+            hi = mid
+    return 10.0**lo, history
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def calibration_prompts(tokenizer, length: int, count: int, *, seed: int = 0, haystack: str = "essays"):
+    """``count`` prompts of exactly ``length`` tokens of prose (different offsets of the haystack)."""
+    from fp_patch.evaluation.haystack import load_haystack
+
+    hay = load_haystack(tokenizer, haystack)
+    rng = random.Random(seed)
+    return [hay.context(length, rng)[0] for _ in range(count)]
+
+
+class DensityMeter:
+    """Runs ``model`` (switched to ``"flashprefill"``) on fixed prompts and reads the block density.
+
+    ``meter(config)`` -> ``(overall, {layer: density})``: overall = computed / causal blocks over
+    every sparse layer, head and prompt; per layer the same within the layer.
+    """
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]]):
+        self.model = model
+        self.prompts = [list(p) for p in prompts]
+        self.passes = 0
+        self.seconds = 0.0
+
+    def __call__(self, config) -> tuple[float, dict[int, float]]:
+        import torch
+
+        import fp_patch
+
+        fp_patch.configure(self.model, config)
+        self.model.set_attn_implementation("flashprefill")
+        device = next(self.model.parameters()).device
+        start = time.perf_counter()
+        with torch.inference_mode(), fp_patch.record_density(self.model) as rec:
+            for prompt in self.prompts:
+                self.model(input_ids=torch.tensor([prompt], device=device), use_cache=False, logits_to_keep=1)
+        self.passes += len(self.prompts)
+        self.seconds += time.perf_counter() - start
+        frame = rec.to_frame()
+        if not len(frame):
+            raise ValueError(
+                "no layer ran sparse during calibration: the prompts are shorter than min_sparse_len "
+                f"({config.min_sparse_len}) or every layer is in dense_layers; use a longer --length"
+            )
+        sums = frame.groupby("layer")[["blocks", "causal_blocks"]].sum()
+        per_layer = {int(i): float(r["blocks"] / max(1, r["causal_blocks"])) for i, r in sums.iterrows()}
+        return float(sums["blocks"].sum() / max(1, sums["causal_blocks"].sum())), per_layer
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found; ``config`` is what to save and pass to ``fp_patch.configure``."""
+
+    config: object  # FlashPrefillConfig
+    target_density: float
+    length: int
+    prompts: int
+    density: float
+    layer_density: dict[int, float] = field(default_factory=dict)
+    density_alpha: float | None = None  # alpha of the target-density search
+    accuracy: dict | None = None
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    forward_passes: int = 0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["config"] = self.config.to_dict()
+        out["layer_density"] = {str(k): v for k, v in self.layer_density.items()}
+        return out
+
+    def save(self, config_path, report_path=None) -> None:
+        """Write the config JSON (loadable by ``FlashPrefillConfig.from_json``) and the report JSON."""
+        self.config.to_json(config_path)
+        if report_path is not None:
+            Path(report_path).write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def calibrate(
+    model,
+    tokenizer,
+    *,
+    target_density: float = 0.7,
+    length: int = 4096,
+    prompts: int = 2,
+    per_layer: bool = False,
+    base=None,
+    tol: float = 0.01,
+    max_steps: int = 12,
+    seed: int = 0,
+    haystack: str = "essays",
+    accuracy_tolerance: float | None = None,
+    accuracy_suite=None,
+    accuracy_steps: int = 4,
+    alpha_max: float = 1.0,
+) -> CalibrationResult:
+    """Calibrate FlashPrefill's alpha on ``model`` (see the module docstring for the searches).
+
+    ``base`` (a ``FlashPrefillConfig``; default: the per-model defaults) supplies every other knob.
+    With ``accuracy_tolerance`` (points), ``accuracy_suite`` (a dataset from
+    :func:`fp_patch.evaluation.build_suite`) is run dense once and then at growing alphas; the global
+    alpha becomes the largest within the tolerance (``layer_alpha`` from the density search is then
+    dropped, since one alpha is what was validated).
+    """
+    import fp_patch
+
+    if base is None:
+        base = fp_patch.defaults_for(getattr(model.config, "model_type", None))
+    original = getattr(model.config, "_attn_implementation", None)
+    started = time.perf_counter()
+    meter = DensityMeter(model, calibration_prompts(tokenizer, length, prompts, seed=seed, haystack=haystack))
+    history: dict = {}
+    try:
+        alpha, density, history["density"] = bisect_alpha(
+            lambda a: meter(base.replace(alpha=a, layer_alpha={}))[0],
+            target_density, tol=tol, max_steps=max_steps, alpha_max=alpha_max,
+        )
+        config = base.replace(alpha=alpha, layer_alpha={})
+        density, layer_density = meter(config)
+        if per_layer:
+            layer_alpha, _, history["per_layer"] = bisect_layer_alphas(
+                lambda alphas: meter(config.replace(layer_alpha=alphas))[1],
+                target_density, sorted(layer_density), tol=tol, max_steps=max_steps, alpha_max=alpha_max,
+                start=dict.fromkeys(layer_density, alpha),
+            )
+            config = config.replace(layer_alpha=layer_alpha)
+            density, layer_density = meter(config)
+        accuracy = None
+        if accuracy_tolerance is not None:
+            if accuracy_suite is None:
+                raise ValueError("accuracy_tolerance needs accuracy_suite (a dataset from build_suite)")
+            accuracy = _accuracy_search(model, tokenizer, accuracy_suite, config, accuracy_tolerance,
+                                        accuracy_steps, alpha_max)
+            history["accuracy"] = accuracy.pop("history")
+            if accuracy["alpha"] != config.alpha:
+                config = config.replace(alpha=accuracy["alpha"], layer_alpha={})
+                density, layer_density = meter(config)
+    finally:
+        if original is not None:
+            model.set_attn_implementation(original)
+    return CalibrationResult(
+        config=config, target_density=target_density, length=length, prompts=prompts, density=density,
+        layer_density=layer_density, density_alpha=alpha, accuracy=accuracy, history=history,
+        seconds=time.perf_counter() - started, forward_passes=meter.passes,
+    )
+
+
+def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_max) -> dict:
+    import tempfile
+
+    from fp_patch.evaluation.runner import Implementation, evaluate
+
+    def accuracy(impl: Implementation) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            records = evaluate(model, tokenizer, suite, [impl], tmp, progress=False)
+        return 100.0 * sum(r["score"] for r in records) / len(records)
+
+    cfg_dir = tempfile.mkdtemp(prefix="fp-calibrate-")
+
+    def sparse_accuracy(alpha: float) -> float:
+        path = Path(cfg_dir) / f"alpha-{alpha:.6g}.json"
+        config.replace(alpha=alpha, layer_alpha={}).to_json(path)
+        return accuracy(Implementation("flashprefill", (("config", str(path)),), f"flashprefill@{alpha:.4g}"))
+
+    dense = accuracy(Implementation("sdpa", (), "sdpa"))
+    floor = dense - tolerance
+    alpha, history = largest_alpha_within(sparse_accuracy, floor, alpha_good=config.alpha, alpha_max=alpha_max,
+                                          steps=steps)
+    return {"alpha": alpha, "dense_accuracy": dense, "tolerance": tolerance, "floor": floor, "history": history}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--target-density", type=float, default=0.7,
+                        help="fraction of causal blocks to compute at --length (paper: ~0.7 at 4K)")
+    parser.add_argument("--length", default="4K", help="reference prompt length in tokens (e.g. 4096 or 4K)")
+    parser.add_argument("--prompts", type=int, default=2, help="prose prompts measured per step")
+    parser.add_argument("--tol", type=float, default=0.01, help="stop when the density is within this of the target")
+    parser.add_argument("--max-steps", type=int, default=12, help="most search steps")
+    parser.add_argument("--per-layer", action="store_true", help="also search one alpha per layer")
+    parser.add_argument("--base-config", default=None, help="JSON FlashPrefillConfig for every other knob")
+    parser.add_argument("--backend", default=None, choices=["auto", "triton", "reference"],
+                        help="FlashPrefill backend (default: the config's)")
+    parser.add_argument("--haystack", default="essays", choices=["essays", "noise"], help="prompt text")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy-tolerance", type=float, default=None,
+                        help="also find the largest alpha whose eval accuracy is within this many points of dense")
+    parser.add_argument("--accuracy-lengths", default="4K", help="eval lengths for --accuracy-tolerance")
+    parser.add_argument("--accuracy-tasks", default="niah_single,niah_multivalue",
+                        help="eval tasks for --accuracy-tolerance (comma separated)")
+    parser.add_argument("--accuracy-depths", default="0.1,0.5,0.9", help="needle depths for --accuracy-tolerance")
+    parser.add_argument("--accuracy-samples", type=int, default=1, help="samples per cell for --accuracy-tolerance")
+    parser.add_argument("--out", default="flashprefill-calibrated.json", help="where to write the config JSON")
+    parser.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
+
+
+def run(args) -> int:
+    from fp_patch.config import FlashPrefillConfig, defaults_for
+    from fp_patch.evaluation.cli import load_model
+    from fp_patch.evaluation.tasks import build_suite, parse_length
+
+    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
+    base = (FlashPrefillConfig.from_json(args.base_config) if args.base_config
+            else defaults_for(getattr(model.config, "model_type", None)))
+    if args.backend:
+        base = base.replace(backend=args.backend)
+    suite = None
+    if args.accuracy_tolerance is not None:
+        suite = build_suite(
+            tokenizer, tasks=args.accuracy_tasks.split(","), lengths=args.accuracy_lengths.split(","),
+            depths=[float(x) for x in args.accuracy_depths.split(",")], samples=args.accuracy_samples,
+            seed=args.seed, haystack=args.haystack,
+        )
+    result = calibrate(
+        model, tokenizer, target_density=args.target_density, length=parse_length(args.length),
+        prompts=args.prompts, per_layer=args.per_layer, base=base, tol=args.tol, max_steps=args.max_steps,
+        seed=args.seed, haystack=args.haystack, accuracy_tolerance=args.accuracy_tolerance, accuracy_suite=suite,
+    )
+    report = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
+    result.history["model"] = model_name
+    result.save(args.out, report)
+    sys.stdout.write(
+        f"calibrated alpha={result.config.alpha:.4g}: density {result.density:.3f} at {result.length} tokens "
+        f"(target {result.target_density:.2f}), {result.forward_passes} forward passes in {result.seconds:.0f} s\n"
+        f"config: {args.out}\nreport: {report}\n"
+    )
+    return 0

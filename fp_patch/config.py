@@ -1,0 +1,263 @@
+"""FlashPrefill settings: one frozen dataclass, per-model defaults, JSON files.
+
+``FlashPrefillConfig`` holds every knob of the sparse prefill with one spelling each; it is
+validated when built, so a bad value fails where it is written, not deep inside a forward pass.
+``MODEL_DEFAULTS`` maps ``config.model_type`` to the published per-model settings.
+
+JSON format (what :meth:`FlashPrefillConfig.to_json` writes and :meth:`FlashPrefillConfig.from_json`
+reads): one object with the field names below as keys; every key is optional (missing keys take the
+dataclass defaults), unknown keys are an error. ``layer_alpha`` is an object keyed by layer index::
+
+    {"alpha": 0.12, "block_size": 128, "dense_layers": [0, 1], "layer_alpha": {"5": 0.2}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_alpha(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1] (0 = dense, larger = sparser), got {value!r}")
+    if math.isnan(float(value)):
+        raise ValueError(f"{name} must be a number in [0, 1], got NaN")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class FlashPrefillConfig:
+    """Settings of the ``"flashprefill"`` attention implementation.
+
+    Attributes:
+        alpha: block threshold in ``[0, 1]``: a key block is kept when its pooled score is at least
+            ``alpha`` times the best block's (in probability terms). 0 keeps every block (dense).
+        block_size: tokens per query/key block, a power of two >= 16.
+        sink_blocks: first key blocks always computed (attention sinks).
+        window_blocks: last visible key blocks (diagonal included) always computed.
+        last_dense_blocks: the final query blocks of the prompt are computed densely.
+        min_budget: additionally keep the ``min_budget`` best-scoring key blocks of each query block.
+        min_sparse_len: calls with fewer query tokens than this run dense SDPA (short prompts gain
+            nothing from block skipping; decode, one token, is always dense).
+        dense_layers: layer indices that always run dense SDPA (e.g. ``(0, 1)``).
+        layer_alpha: per-layer ``alpha`` overrides, ``{layer_idx: alpha}``.
+        group_select: one block selection per GQA group (union of its query heads) instead of one
+            per query head.
+        backend: ``"auto"`` (Triton kernels where they run, the PyTorch reference on the CPU, dense
+            SDPA on other devices/dtypes the kernels can't take), ``"triton"`` (kernels or an error)
+            or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
+        strict: raise :class:`fp_patch.FlashPrefillFallbackError` instead of silently running dense
+            SDPA when a call that should be sparse cannot be (unsupported head dim, mask, device...).
+            Calls that are dense by design (decode, short or non-causal queries, sliding-window and
+            ``dense_layers`` layers) never raise.
+    """
+
+    alpha: float = 0.12
+    block_size: int = 128
+    sink_blocks: int = 2
+    window_blocks: int = 4
+    last_dense_blocks: int = 2
+    min_budget: int = 0
+    min_sparse_len: int = 2048
+    dense_layers: tuple[int, ...] = ()
+    layer_alpha: Mapping[int, float] = field(default_factory=dict)
+    group_select: bool = False
+    backend: str = "auto"
+    strict: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _check_alpha("alpha", self.alpha))
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16 (default 128), got {bs!r}")
+        for name in ("sink_blocks", "window_blocks", "last_dense_blocks", "min_budget"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("min_sparse_len", self.min_sparse_len, 2)
+        if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
+            raise ValueError(f"dense_layers must be a list of layer indices, got {self.dense_layers!r}")
+        layers = tuple(sorted({_check_int("dense_layers entry", i, 0) for i in self.dense_layers}))
+        object.__setattr__(self, "dense_layers", layers)
+        if not isinstance(self.layer_alpha, Mapping):
+            raise ValueError(f"layer_alpha must be a mapping {{layer_idx: alpha}}, got {self.layer_alpha!r}")
+        overrides = {}
+        for key, value in self.layer_alpha.items():
+            # JSON object keys are strings; accept "5" as layer 5
+            layer = int(key) if isinstance(key, str) and key.isdigit() else key
+            overrides[_check_int("layer_alpha key", layer, 0)] = _check_alpha(f"layer_alpha[{layer}]", value)
+        object.__setattr__(self, "layer_alpha", dict(sorted(overrides.items())))
+        for name in ("group_select", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def __hash__(self):
+        return hash(self.to_json())
+
+    def alpha_for(self, layer_idx: int | None) -> float:
+        """The alpha of layer ``layer_idx`` (its override, else :attr:`alpha`)."""
+        return self.layer_alpha.get(layer_idx, self.alpha)
+
+    def replace(self, **changes) -> FlashPrefillConfig:
+        """A copy with ``changes`` applied (validated like the constructor)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown FlashPrefillConfig field(s) {sorted(unknown)}; valid: {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (``layer_alpha`` keys become strings, tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["dense_layers"] = list(self.dense_layers)
+        out["layer_alpha"] = {str(k): v for k, v in self.layer_alpha.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> FlashPrefillConfig:
+        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a mapping of FlashPrefillConfig fields, got {type(data).__name__}")
+        unknown = set(data) - set(field_names())
+        if unknown:
+            raise ValueError(f"unknown FlashPrefillConfig field(s) {sorted(unknown)}; valid: {field_names()}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The JSON text (sorted keys); also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> FlashPrefillConfig:
+        """Read a config from JSON text or from a file path."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(FlashPrefillConfig)]
+
+
+# Published per-model alphas (official FlashPrefill code); everything else keeps the defaults above.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "llama": {"alpha": 0.18},
+    "qwen2": {"alpha": 0.08},
+    "qwen3": {"alpha": 0.12},
+    "qwen3_moe": {"alpha": 0.12},
+    "qwen2_5_vl": {"alpha": 0.10},
+    "qwen3_vl": {"alpha": 0.22},
+    "qwen3_vl_moe": {"alpha": 0.22},
+}
+
+_unknown_logged: set[str] = set()
+
+
+def canonical_model_type(model_type: str | None) -> str | None:
+    """``config.model_type`` of the whole model: the text decoder of a VL model reports
+    ``"qwen2_5_vl_text"``, whose defaults are those of ``"qwen2_5_vl"``."""
+    if model_type and model_type not in MODEL_DEFAULTS and model_type.endswith("_text"):
+        return model_type[: -len("_text")]
+    return model_type
+
+
+def defaults_for(model_type: str | None) -> FlashPrefillConfig:
+    """Per-model defaults for ``config.model_type``; unknown types get the generic defaults (logged once)."""
+    key = canonical_model_type(model_type)
+    if key in MODEL_DEFAULTS:
+        return FlashPrefillConfig(**MODEL_DEFAULTS[key])
+    if key not in _unknown_logged:
+        _unknown_logged.add(key)
+        logger.info(
+            "flashprefill: no tuned defaults for model_type %r, using the generic ones (alpha=%s); "
+            "set them with fp_patch.configure(model, alpha=...)",
+            model_type,
+            FlashPrefillConfig.alpha,
+        )
+    return FlashPrefillConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which settings a model's attention layers use
+#
+# Each decoder attention module carries its FlashPrefillConfig in the attribute below (set by
+# `configure` or `fp_patch.configured`, or on its first call from the per-model defaults), so the
+# attention function reads one plain attribute per call (also under torch.compile).
+
+MODULE_ATTR = "_flashprefill_config"
+
+
+def is_decoder_attention(module) -> bool:
+    """Causal self-attention modules of a decoder (they carry ``layer_idx``; vision ones don't)."""
+    return getattr(module, "is_causal", None) is True and hasattr(module, "layer_idx")
+
+
+def config_for_module(module, *, cache: bool = True) -> FlashPrefillConfig:
+    """The settings an attention module runs with: set by ``configure``, else the defaults of its
+    model type (then remembered on the module when ``cache``)."""
+    cfg = getattr(module, MODULE_ATTR, None)
+    if cfg is not None:
+        return cfg
+    cfg = defaults_for(getattr(getattr(module, "config", None), "model_type", None))
+    if cache:
+        setattr(module, MODULE_ATTR, cfg)
+    return cfg
+
+
+def _decoder_attention_modules(model) -> list:
+    modules = [m for m in model.modules() if is_decoder_attention(m)]
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder attention modules (modules with is_causal=True and a "
+            "layer_idx); pass the Transformers model itself"
+        )
+    return modules
+
+
+def get_config(model) -> FlashPrefillConfig:
+    """The settings ``model``'s decoder layers currently use (per-model defaults until configured)."""
+    return config_for_module(_decoder_attention_modules(model)[0])
+
+
+def configure(model, config: FlashPrefillConfig | None = None, **overrides) -> FlashPrefillConfig:
+    """Set the FlashPrefill settings of ``model`` (all its decoder layers); returns them.
+
+    ``config`` replaces the current settings; ``overrides`` (any :class:`FlashPrefillConfig` field)
+    apply on top of ``config``, or of the model's current settings (its per-model defaults at
+    first)::
+
+        fp_patch.configure(model, alpha=0.1, dense_layers=[0, 1])
+        fp_patch.configure(model, FlashPrefillConfig.from_json("calibrated.json"))
+        fp_patch.configure(model, fp_patch.defaults_for(model.config.model_type))   # back to defaults
+
+    Takes effect at the next forward pass; works whether or not the model already runs
+    ``"flashprefill"`` (select it with ``model.set_attn_implementation("flashprefill")``).
+    """
+    if config is not None and not isinstance(config, FlashPrefillConfig):
+        raise TypeError(
+            f"config must be a FlashPrefillConfig, got {type(config).__name__}; "
+            "for a dict use FlashPrefillConfig.from_dict(...)"
+        )
+    modules = _decoder_attention_modules(model)
+    cfg = (config or config_for_module(modules[0])).replace(**overrides)
+    for module in modules:
+        setattr(module, MODULE_ATTR, cfg)
+    return cfg

@@ -1,0 +1,477 @@
+"""attn_implementation="flashprefill" on tiny models of the seven supported families, against "sdpa".
+
+All models run on the CPU in float32 with ``backend="reference"`` (the pure-PyTorch operator) and
+small blocks (16 tokens), so a few hundred tokens make many blocks. A spy recorder (the contract of
+``fp_patch.recording``) sees every call of the attention function: which module, sparse or dense,
+the density, the fallback reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DynamicCache
+
+import fp_patch
+from fp_patch import attention as fp_attention
+from fp_patch.config import is_decoder_attention
+
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+VL_FAMILIES = {"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+VOCAB = 256
+TEXT_TOKENS = 240  # ids 240.. are reserved for the special tokens below
+IMAGE, VIDEO, V_START, V_END = 250, 251, 252, 253
+# settings every model test uses: many blocks from a few hundred tokens, and the PyTorch operator
+# (tests/conftest.py may set TRITON_INTERPRET=1, which would route CPU calls through the slow interpreter)
+TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "reference"}
+
+
+def tiny_config(family: str):
+    """A fresh 2-layer config of ``family`` (configs are mutated by from_config: never share one)."""
+    text = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": None,
+    }
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1}
+    if family == "llama":
+        return transformers.LlamaConfig(**text)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**text)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**text, head_dim=64)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**text, head_dim=64, **moe)
+    # VL: head dim 128 so that the default M-RoPE sections (sum 64) fit
+    text_vl = {**text, "hidden_size": 256, "head_dim": 128}
+    special = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": V_START,
+               "vision_end_token_id": V_END}
+    vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2_5_vl":
+        vision = {**vision, "patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1]}
+        return transformers.Qwen2_5_VLConfig(text_config=text_vl, vision_config=vision, **special)
+    vision = {**vision, "patch_size": 16, "deepstack_visual_indexes": [0], "num_position_embeddings": 64}
+    if family == "qwen3_vl":
+        return transformers.Qwen3VLConfig(text_config=text_vl, vision_config=vision, **special)
+    if family == "qwen3_vl_moe":
+        return transformers.Qwen3VLMoeConfig(text_config={**text_vl, **moe}, vision_config=vision, **special)
+    raise ValueError(family)
+
+
+def build(family: str, attn: str, seed: int = 0, local: bool = False):
+    torch.manual_seed(seed)
+    auto = AutoModelForImageTextToText if family in VL_FAMILIES else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(family), attn_implementation=attn).eval()
+    if local:
+        make_attention_local(model)
+    return model
+
+
+def build_pair(family: str, local: bool = False, **settings):
+    """``(flashprefill model, sdpa model)`` with the same weights; ``settings`` on top of TEST_SETTINGS."""
+    fp = build(family, "flashprefill", local=local)
+    ref = build(family, "sdpa", seed=1)
+    ref.load_state_dict(fp.state_dict())
+    fp_patch.configure(fp, **{**TEST_SETTINGS, **settings})
+    return fp, ref
+
+
+def make_attention_local(model, noise: float = 0.3, sharpness: float = 15.0):
+    """Give the random model the attention structure of real LMs (mass near the diagonal), so that
+    dropping far blocks is harmless and "sparse logits stay close to dense" is a real check.
+
+    Every token embedding shares one large direction ``u``; with ``k_proj = q_proj`` (first heads)
+    the query and key of every text token are nearly the same vector, so after RoPE the score depends
+    on the distance ``i - j`` and peaks at 0 with ``scaling * q.k ~ sharpness`` (each q/k component
+    gets magnitude ``c``: ``D c^2 / sqrt(D) = sharpness``). Image tokens (vision features) do not
+    share ``u``; they are few and the text around them keeps the property.
+    """
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape[1]) + noise * torch.randn_like(emb))
+        for module in model.modules():
+            if not is_decoder_attention(module):
+                continue
+            q, k = module.q_proj, module.k_proj
+            c = math.sqrt(sharpness / math.sqrt(module.head_dim))
+            if getattr(module, "q_norm", None) is not None:  # Qwen3: q/k are RMS-normalised per head
+                module.q_norm.weight.fill_(c)
+                module.k_norm.weight.fill_(c)
+            else:  # the normed hidden state has unit RMS, so a row of norm c gives components ~ c
+                q.weight.mul_(c / q.weight.norm(dim=1, keepdim=True))
+            k.weight.copy_(q.weight[: k.weight.shape[0]])
+            for proj in (q, k):
+                if proj.bias is not None:
+                    proj.bias.zero_()
+
+
+def text_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, TEXT_TOKENS, (batch, n), generator=gen)
+
+
+def model_inputs(model, family: str, n: int, with_image: bool = True) -> dict:
+    """``n`` prompt tokens; VL families get a 4x4-patch image in the middle."""
+    if family not in VL_FAMILIES or not with_image:
+        return {"input_ids": text_ids(n)}
+    vc = model.config.vision_config
+    merged = 16 // vc.spatial_merge_size**2
+    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+    ids = text_ids(n - merged - 2)
+    half = ids.shape[1] // 2
+    image = torch.tensor([[V_START] + [IMAGE] * merged + [V_END]])
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.cat([ids[:, :half], image, ids[:, half:]], dim=1)
+    inputs = {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(16, channels * vc.temporal_patch_size * vc.patch_size**2, generator=gen),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers 5.x
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE).long()
+    return inputs
+
+
+class SpyRecorder:
+    """Implements the recorder contract of fp_patch.recording and keeps every call."""
+
+    wants_info = True
+
+    def __init__(self):
+        self.calls = []
+
+    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None):
+        self.calls.append({"kind": "sparse", "module": module, "layer": layer_idx, "q_len": q_len,
+                           "k_len": k_len, "density": info.density.clone(), "reason": None})
+
+    def add_fallback(self, module, layer_idx, reason, *, q_len, k_len):
+        self.calls.append({"kind": "dense", "module": module, "layer": layer_idx, "q_len": q_len,
+                           "k_len": k_len, "density": None, "reason": reason})
+
+    def sparse(self, **match):
+        return [c for c in self.calls if c["kind"] == "sparse" and all(c[k] == v for k, v in match.items())]
+
+    def reasons(self) -> set:
+        return {c["reason"] for c in self.calls if c["kind"] == "dense"}
+
+    def clear(self):
+        self.calls.clear()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    rec = SpyRecorder()
+    monkeypatch.setattr(fp_attention, "active_recorder", lambda: rec)
+    return rec
+
+
+def decoder_layers(model) -> set:
+    return {m.layer_idx for m in model.modules() if is_decoder_attention(m)}
+
+
+def forward(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def greedy(model, max_new_tokens: int = 6, **inputs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+# -- names and routing on the real models ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runs_on_decoder_layers_never_on_vision(family, spy):
+    model = build(family, "flashprefill")
+    fp_patch.configure(model, **TEST_SETTINGS)
+    assert fp_patch.uses_flashprefill(model)
+    vision_calls = []
+    if family in VL_FAMILIES:
+        assert model.config.vision_config._attn_implementation == "sdpa"
+        assert model.config.text_config._attn_implementation == fp_patch.INTERNAL_NAME
+        for module in model.model.visual.modules():
+            if type(module).__name__.endswith("VisionAttention"):
+                module.register_forward_hook(lambda *_: vision_calls.append(1))
+    forward(model, **model_inputs(model, family, 96))
+    assert spy.calls, "the registered attention function never ran"
+    assert all(is_decoder_attention(c["module"]) for c in spy.calls)
+    assert {c["layer"] for c in spy.sparse(q_len=96)} == decoder_layers(model)
+    if family in VL_FAMILIES:
+        assert len(vision_calls) == 2, "the vision tower did not run"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_alpha0_equals_sdpa(family, spy):
+    fp, ref = build_pair(family, alpha=0.0)
+    inputs = model_inputs(fp, family, 96)
+    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), atol=1e-4, rtol=1e-4)
+    prefill = spy.sparse(q_len=96)
+    assert {c["layer"] for c in prefill} == decoder_layers(fp)
+    assert all(bool((c["density"] == 1).all()) for c in prefill)
+    spy.clear()
+    assert torch.equal(greedy(fp, **inputs), greedy(ref, **inputs))
+    assert spy.sparse(q_len=96) and spy.reasons() == {"decode"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_alpha_is_sparse_and_close(family, spy):
+    fp, ref = build_pair(family, local=True)
+    assert fp_patch.get_config(fp).alpha == fp_patch.MODEL_DEFAULTS[family]["alpha"]
+    inputs = model_inputs(fp, family, 384)
+    out, expected = forward(fp, **inputs), forward(ref, **inputs)
+    calls = spy.sparse(q_len=384)
+    assert {c["layer"] for c in calls} == decoder_layers(fp)
+    density = torch.stack([c["density"] for c in calls])
+    assert density.mean() < 0.9, f"nothing was skipped (density {density.mean():.2f})"
+    # dropped blocks carry little mass in these models: logits move by a few % of their spread
+    err = (out - expected).abs().max()
+    assert err < 0.1 * expected.std(), f"max logit error {err:.4f} vs spread {expected.std():.4f}"
+    assert (out.argmax(-1) == expected.argmax(-1)).float().mean() > 0.97
+
+
+# -- padding, chunked prefill, caches --------------------------------------------------------------
+
+
+def padded_batch(n_long: int, n_short: int, side: str):
+    """Two prompts; the second is shorter and padded on ``side`` (pad id 0)."""
+    long_ids, short_ids = text_ids(n_long, seed=3), text_ids(n_short, seed=4)
+    pad = torch.zeros(1, n_long - n_short, dtype=torch.long)
+    if side == "left":
+        short_row, short_mask = torch.cat([pad, short_ids], 1), torch.cat([pad, torch.ones_like(short_ids)], 1)
+    else:
+        short_row, short_mask = torch.cat([short_ids, pad], 1), torch.cat([torch.ones_like(short_ids), pad], 1)
+    ids = torch.cat([long_ids, short_row])
+    mask = torch.cat([torch.ones_like(long_ids), short_mask])
+    return ids, mask, short_ids
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch(family, side, spy):
+    n_long, n_short = 160, 112
+    ids, mask, short_ids = padded_batch(n_long, n_short, side)
+    valid = mask.bool()
+    extra = {} if family in VL_FAMILIES else {"position_ids": positions(mask)}
+    # alpha = 0: the padded batch equals sdpa on every real token
+    fp, ref = build_pair(family, alpha=0.0)
+    torch.testing.assert_close(
+        forward(fp, input_ids=ids, attention_mask=mask, **extra)[valid],
+        forward(ref, input_ids=ids, attention_mask=mask, **extra)[valid],
+        atol=1e-4, rtol=1e-4,
+    )
+    # default alpha, really sparse: the padded row gets exactly what it gets alone (blocks are laid out
+    # from its first real token), and the batch never falls back to dense
+    fp, _ = build_pair(family, local=True)
+    spy.clear()
+    batch = forward(fp, input_ids=ids, attention_mask=mask, **extra)
+    assert not spy.reasons() and {c["layer"] for c in spy.sparse(q_len=n_long)} == decoder_layers(fp)
+    assert bool((torch.stack([c["density"] for c in spy.calls]) < 1).any())
+    alone = forward(fp, input_ids=short_ids)
+    torch.testing.assert_close(batch[1][valid[1]], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill(family, spy):
+    """The prompt fed in two pieces on one DynamicCache: the second piece has Lq < Lk."""
+    ids = text_ids(192)
+    first, second = ids[:, :128], ids[:, 128:]
+
+    def run(model):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=first, past_key_values=cache, use_cache=True)
+            return model(input_ids=second, past_key_values=cache, use_cache=True).logits
+
+    fp, ref = build_pair(family, alpha=0.0)
+    torch.testing.assert_close(run(fp), run(ref), atol=1e-4, rtol=1e-4)
+    assert {c["layer"] for c in spy.sparse(q_len=64, k_len=192)} == decoder_layers(fp)
+    # really sparse: close to dense, with blocks skipped
+    fp, ref = build_pair(family, local=True)
+    spy.clear()
+    out, expected = run(fp), run(ref)
+    calls = spy.sparse(q_len=64, k_len=192)
+    assert calls and not spy.reasons()
+    assert bool((torch.stack([c["density"] for c in calls]) < 1).any())
+    assert (out - expected).abs().max() < 0.1 * expected.std()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_generate(family, spy):
+    """StaticCache prefill (mask None, Lk = max_cache_len > Lq) is sparse on the real keys only."""
+    fp, ref = build_pair(family, alpha=0.0)
+    inputs = model_inputs(fp, family, 96)
+    tokens = greedy(fp, cache_implementation="static", **inputs)
+    assert torch.equal(tokens, greedy(ref, cache_implementation="static", **inputs))
+    assert torch.equal(tokens, greedy(fp, **inputs))  # DynamicCache gives the same tokens
+    assert {c["layer"] for c in spy.sparse(q_len=96, k_len=96)} == decoder_layers(fp)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_5_vl"])
+def test_static_cache_left_padded_generate(family, spy):
+    """Left-padded batch on a StaticCache: the mask is [B, 1, Lq, max_cache_len]; keys past the
+    prompt are cut off and each row keeps its own range."""
+    ids, mask, _ = padded_batch(96, 64, "left")
+    fp, ref = build_pair(family, alpha=0.0)
+    tokens = greedy(fp, input_ids=ids, attention_mask=mask, cache_implementation="static")
+    assert torch.equal(tokens, greedy(ref, input_ids=ids, attention_mask=mask, cache_implementation="static"))
+    assert {c["layer"] for c in spy.sparse(q_len=96, k_len=96)} == decoder_layers(fp)
+    assert "mask_not_range" not in spy.reasons()
+
+
+# -- switching, configuration ----------------------------------------------------------------------
+
+
+def test_set_attn_implementation_at_runtime(spy):
+    model = build("qwen2_5_vl", "sdpa")
+    model.set_attn_implementation("flashprefill")
+    assert model.config.text_config._attn_implementation == fp_patch.INTERNAL_NAME
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    fp_patch.configure(model, **TEST_SETTINGS)
+    inputs = model_inputs(model, "qwen2_5_vl", 96)
+    forward(model, **inputs)
+    assert spy.sparse(q_len=96) and all(is_decoder_attention(c["module"]) for c in spy.calls)
+    model.set_attn_implementation("sdpa")
+    assert not fp_patch.uses_flashprefill(model)
+    spy.clear()
+    forward(model, **inputs)
+    assert not spy.calls
+    model.set_attn_implementation({"text_config": "flashprefill", "vision_config": "sdpa"})
+    assert model.config.text_config._attn_implementation == fp_patch.INTERNAL_NAME
+    forward(model, **inputs)
+    assert spy.sparse(q_len=96)
+
+
+def test_configured_at_load_time(tmp_path):
+    build("llama", "sdpa").save_pretrained(tmp_path)
+    with fp_patch.configured(alpha=0.3, dense_layers=[0]):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flashprefill")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flashprefill")
+    assert fp_patch.get_config(model).alpha == 0.3 and fp_patch.get_config(model).dense_layers == (0,)
+    assert fp_patch.get_config(other) == fp_patch.defaults_for("llama")
+    cfg = fp_patch.FlashPrefillConfig(alpha=0.05, block_size=64)
+    with fp_patch.configured(cfg):
+        vl = AutoModelForImageTextToText.from_config(tiny_config("qwen3_vl"), attn_implementation="flashprefill")
+    assert fp_patch.get_config(vl) == cfg
+    # configure() afterwards applies on top of the current settings
+    assert fp_patch.configure(model, block_size=32) == fp_patch.FlashPrefillConfig(
+        alpha=0.3, dense_layers=(0,), block_size=32
+    )
+
+
+def test_configure_routes_dense_layers_and_layer_alpha(spy):
+    fp, ref = build_pair("llama", local=True, dense_layers=[0], layer_alpha={1: 0.0})
+    inputs = model_inputs(fp, "llama", 384)
+    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), atol=1e-4, rtol=1e-4)
+    assert {c["layer"] for c in spy.calls if c["reason"] == "dense_layer"} == {0}
+    (layer1,) = spy.sparse(layer=1)
+    assert bool((layer1["density"] == 1).all())  # alpha 0 on layer 1
+    with pytest.raises(TypeError):
+        fp_patch.configure(fp, {"alpha": 0.1})
+    with pytest.raises(ValueError, match="alpha"):
+        fp_patch.configure(fp, alpha=2.0)
+
+
+def test_unknown_model_type_uses_generic_defaults(caplog, spy):
+    config = transformers.MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                        sliding_window=None)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flashprefill").eval()
+    with caplog.at_level("INFO", logger="fp_patch.config"):
+        assert fp_patch.get_config(model) == fp_patch.FlashPrefillConfig()
+    assert any("mistral" in r.getMessage() for r in caplog.records)
+    fp_patch.configure(model, **TEST_SETTINGS)
+    forward(model, input_ids=text_ids(64))
+    assert {c["layer"] for c in spy.sparse(q_len=64)} == {0, 1}
+
+
+def test_register_is_idempotent_and_unregister_undoes_it():
+    from transformers import PretrainedConfig
+
+    setter = PretrainedConfig.__dict__["_attn_implementation"].fset
+    fp_patch.register()
+    assert PretrainedConfig.__dict__["_attn_implementation"].fset is setter
+    try:
+        fp_patch.unregister()
+        with pytest.raises((ValueError, ImportError)):
+            build("llama", "flashprefill")
+        assert PretrainedConfig.__dict__["_attn_implementation"].fset is not setter
+    finally:
+        fp_patch.register()
+    assert fp_patch.uses_flashprefill(build("llama", "flashprefill"))
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+
+
+def graph_spy(graphs: list):
+    """A torch.compile backend that appends each graph's code to ``graphs`` and runs it with aot_eager
+    (which traces with fake tensors, so the custom op's fake implementation is exercised, without C++
+    codegen). A function, not an object: Transformers deep-copies the compile config."""
+
+    def backend(gm, example_inputs, **_):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(spy):
+    """fullgraph=True compiles through the attention function: an unpadded prefill traces the sparse
+    custom op, a padded one the dense route (a mask can't be checked without a host sync)."""
+    torch._dynamo.reset()
+    fp, ref = build_pair("llama", alpha=0.0)
+    ids = text_ids(64)
+    graphs = []
+    compiled = torch.compile(fp, fullgraph=True, backend=graph_spy(graphs))
+    torch.testing.assert_close(forward(compiled, input_ids=ids), forward(ref, input_ids=ids), atol=1e-4, rtol=1e-4)
+    assert len(graphs) == 1 and "fp_kernels.flash_prefill" in graphs[0]
+    mask = torch.ones_like(ids)
+    mask[:, :8] = 0
+    valid = mask[0].bool()
+    torch.testing.assert_close(
+        forward(compiled, input_ids=ids, attention_mask=mask)[:, valid],
+        forward(ref, input_ids=ids, attention_mask=mask)[:, valid],
+        atol=1e-4, rtol=1e-4,
+    )
+    assert len(graphs) == 2 and "fp_kernels.flash_prefill" not in graphs[1]
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_generate_static_cache_compiled(spy):
+    """generate() with a StaticCache and its own torch.compile (fullgraph=True): the decode steps are
+    compiled (dense route, no graph break), the prefill runs eagerly and sparse."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    fp, ref = build_pair("llama", alpha=0.0)
+    ids = text_ids(64)
+    graphs = []
+    compile_config = CompileConfig(fullgraph=True, backend=graph_spy(graphs), mode=None, dynamic=False)
+    compile_config._compile_all_devices = True  # Transformers compiles on GPUs only unless told
+    tokens = greedy(fp, input_ids=ids, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(tokens, greedy(ref, input_ids=ids, cache_implementation="static"))
+    assert graphs, "generate did not compile the decode step"
+    assert {c["layer"] for c in spy.sparse(q_len=64, k_len=64)} == decoder_layers(fp)
+    torch._dynamo.reset()

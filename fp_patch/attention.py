@@ -118,7 +118,7 @@ def _sdpa_packed(query, key, value, cu_q, cu_k, causal: bool, dropout: float, sc
 
 # -- masks ------------------------------------------------------------------------------------------
 
-# last analysed mask: (weakref, version, q_len, k_len, batch, result); every layer of a forward pass
+# last analysed mask: (weakref, (version, q_len, k_len, batch), result); every layer of a forward pass
 # receives the same mask tensor, so only the first layer pays for the check
 _mask_cache: list = [None]
 
@@ -188,12 +188,11 @@ def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
         return "mask_layout", f"mask of shape {tuple(mask.shape)} (expected [B or 1, 1, Lq, Lk])"
     if mask.shape[-1] < k_len:
         return "mask_layout", f"mask has {mask.shape[-1]} key columns for {k_len} keys"
-    mask = mask[..., :k_len]  # as Transformers' SDPA path does
     cached = _mask_cache[0]
     key = (_version(mask), q_len, k_len, batch)
     if cached is not None and cached[0]() is mask and cached[1] == key:
         return cached[2]
-    result = _analyse_mask(mask, batch, q_len, k_len)
+    result = _analyse_mask(mask[..., :k_len], batch, q_len, k_len)  # cut as Transformers' SDPA path does
     _mask_cache[0] = (weakref.ref(mask), key, result)
     return result
 

@@ -1,0 +1,94 @@
+"""FlashPrefillConfig: validation, JSON files, per-model defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fp_patch import MODEL_DEFAULTS, FlashPrefillConfig, defaults_for
+
+PUBLISHED_ALPHAS = {
+    "llama": 0.18,
+    "qwen2": 0.08,
+    "qwen3": 0.12,
+    "qwen3_moe": 0.12,
+    "qwen2_5_vl": 0.10,
+    "qwen3_vl": 0.22,
+    "qwen3_vl_moe": 0.22,
+}
+
+
+def test_defaults_are_the_paper_block_rules():
+    cfg = FlashPrefillConfig()
+    assert (cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks) == (128, 2, 4, 2)
+    assert (cfg.min_budget, cfg.dense_layers, cfg.layer_alpha, cfg.backend, cfg.strict) == (0, (), {}, "auto", False)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"alpha": -0.1}, {"alpha": 1.5}, {"alpha": float("nan")}, {"alpha": True}, {"alpha": "0.1"},
+        {"block_size": 100}, {"block_size": 8}, {"block_size": 128.0}, {"sink_blocks": -1},
+        {"window_blocks": 1.5}, {"last_dense_blocks": None}, {"min_budget": -2}, {"min_sparse_len": 1},
+        {"dense_layers": "0,1"}, {"dense_layers": [-1]}, {"dense_layers": 3}, {"layer_alpha": [0.1]},
+        {"layer_alpha": {0: 2.0}}, {"layer_alpha": {-1: 0.1}}, {"group_select": 1}, {"strict": "yes"},
+        {"backend": "cuda"},
+    ],
+    ids=lambda bad: "-".join(f"{k}={v!r}" for k, v in bad.items()),
+)
+def test_invalid_values_raise_naming_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        FlashPrefillConfig(**bad)
+
+
+def test_normalisation_and_per_layer_alpha():
+    cfg = FlashPrefillConfig(alpha=0.2, dense_layers=[3, 0, 3], layer_alpha={"5": 0.5, 2: 0})
+    assert cfg.dense_layers == (0, 3)
+    assert cfg.layer_alpha == {2: 0.0, 5: 0.5}
+    assert [cfg.alpha_for(i) for i in (0, 2, 5, None)] == [0.2, 0.0, 0.5, 0.2]
+    assert hash(cfg) == hash(FlashPrefillConfig(alpha=0.2, dense_layers=(0, 3), layer_alpha={5: 0.5, 2: 0.0}))
+
+
+def test_frozen_and_replace():
+    cfg = FlashPrefillConfig()
+    with pytest.raises(AttributeError):
+        cfg.alpha = 0.5
+    assert cfg.replace(alpha=0.5).alpha == 0.5 and cfg.alpha == 0.12
+    with pytest.raises(ValueError, match="alfa"):
+        cfg.replace(alfa=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        cfg.replace(alpha=3)
+
+
+def test_json_round_trip(tmp_path):
+    cfg = FlashPrefillConfig(alpha=0.3, block_size=64, dense_layers=[0, 1], layer_alpha={7: 0.05},
+                             group_select=True, min_sparse_len=4096)
+    text = cfg.to_json()
+    data = json.loads(text)
+    assert data["layer_alpha"] == {"7": 0.05} and data["dense_layers"] == [0, 1]
+    assert FlashPrefillConfig.from_json(text) == cfg
+    path = tmp_path / "calibrated.json"
+    cfg.to_json(path)
+    assert FlashPrefillConfig.from_json(path) == cfg
+    assert FlashPrefillConfig.from_json(str(path)) == cfg
+    assert FlashPrefillConfig.from_dict({"alpha": 0.3}) == FlashPrefillConfig(alpha=0.3)
+    with pytest.raises(ValueError, match="min_buget"):
+        FlashPrefillConfig.from_dict({"min_buget": 3})
+    with pytest.raises(ValueError, match="mapping"):
+        FlashPrefillConfig.from_dict([("alpha", 0.1)])
+
+
+def test_per_model_defaults_are_the_published_alphas():
+    assert {k: v["alpha"] for k, v in MODEL_DEFAULTS.items()} == PUBLISHED_ALPHAS
+    for model_type, alpha in PUBLISHED_ALPHAS.items():
+        assert defaults_for(model_type) == FlashPrefillConfig(alpha=alpha)
+    # the text decoder of a VL model reports "<type>_text"
+    assert defaults_for("qwen2_5_vl_text").alpha == 0.10 and defaults_for("qwen3_vl_moe_text").alpha == 0.22
+
+
+def test_unknown_model_type_logs_once(caplog):
+    with caplog.at_level("INFO", logger="fp_patch.config"):
+        assert defaults_for("some_new_arch") == FlashPrefillConfig()
+        assert defaults_for("some_new_arch") == FlashPrefillConfig()
+    assert len([r for r in caplog.records if "some_new_arch" in r.getMessage()]) == 1

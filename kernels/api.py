@@ -265,7 +265,7 @@ def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_en
     valid = torch.arange(nkb, device=index.device) < count[..., None]
     index = torch.where(valid, index, torch.full_like(index, -1))
     return FlashPrefillInfo(
-        density=density_from_counts(count, geo["n_vis"], hq),
+        density=density_from_counts(count, geo, hq),
         block_index=index,
         block_count=count,
         block_size=block_size,

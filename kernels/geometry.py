@@ -68,7 +68,8 @@ def slot_geometry(
 
     Keys: ``qb`` local query block, ``n_vis`` visible key blocks (0 for empty slots), ``dense``
     (bool) whether the slot is forced dense, ``row_lo``/``row_hi`` the query rows ``[lo, hi)`` in
-    ``0..Lq`` that the slot covers.
+    ``0..Lq`` that the slot covers, ``in_prompt`` (bool) whether the slot's query block lies in the
+    valid range (slots made only of right-padding queries are computed but not counted in density).
     """
     bs = block_size
     start = kv_start.long()
@@ -84,18 +85,20 @@ def slot_geometry(
     dense = valid & (qb >= nkb[:, None] - last_dense_blocks)
     row_lo = torch.where(valid, t_lo + start[:, None] - off, torch.zeros_like(qb))
     row_hi = torch.where(valid, t_hi + start[:, None] - off, torch.zeros_like(qb))
-    return {"qb": qb, "n_vis": n_vis, "dense": dense, "row_lo": row_lo, "row_hi": row_hi}
+    in_prompt = valid & (qb < nkb[:, None])
+    return {"qb": qb, "n_vis": n_vis, "dense": dense, "row_lo": row_lo, "row_hi": row_hi, "in_prompt": in_prompt}
 
 
-def density_from_counts(block_count: torch.Tensor, n_vis: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+def density_from_counts(block_count: torch.Tensor, geometry: dict, num_q_heads: int) -> torch.Tensor:
     """Fraction of causally visible blocks computed, per (batch, query head): ``(B, Hq)`` float32.
 
-    ``block_count``: ``(B, Hsel, n_slots)``; ``n_vis``: ``(B, n_slots)``. With group selection
-    (``Hsel = Hkv``) each query head of a group reports its group's density. A row with nothing
-    visible (fully padded) reports 0.
+    ``block_count``: ``(B, Hsel, n_slots)``; ``geometry`` from :func:`slot_geometry`; only slots
+    ``in_prompt`` count. With group selection (``Hsel = Hkv``) each query head of a group reports
+    its group's density. A row with nothing visible (fully padded) reports 0.
     """
-    kept = block_count.sum(-1).float()
-    total = n_vis.sum(-1).float().clamp(min=1.0)[:, None]
+    counted = geometry["in_prompt"]
+    kept = (block_count * counted[:, None, :]).sum(-1).float()
+    total = (geometry["n_vis"] * counted).sum(-1).float().clamp(min=1.0)[:, None]
     density = kept / total
     if block_count.shape[1] != num_q_heads:
         density = density.repeat_interleave(num_q_heads // block_count.shape[1], dim=1)

@@ -138,12 +138,15 @@ def sparse_attention_reference(
     scale: float | None = None,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
+    round_probs: bool = False,
 ) -> torch.Tensor:
     """Causal attention restricted to the listed key blocks; fp32 math, output in ``q.dtype``.
 
     ``q [B, Lq, Hq, D]``, ``k``/``v [B, Lk, Hkv, D]``; ``block_index [B, Hsel, S, nkb]`` with the
     first ``block_count [B, Hsel, S]`` entries valid (``Hsel`` is ``Hq`` or ``Hkv``). Query rows that
-    see no listed key (and rows before ``kv_start``) are 0.
+    see no listed key (and rows before ``kv_start``) are 0. ``round_probs`` rounds the unnormalised
+    probabilities to ``q.dtype`` before ``P @ V``, as the kernels do: the difference to the exact
+    result is the reference's own low-precision error, which test tolerances are scaled by.
     """
     batch, q_len, hq, dim = q.shape
     k_len = k.shape[1]
@@ -171,11 +174,14 @@ def sparse_attention_reference(
             t = torch.arange(lo, hi, device=q.device) + off - o
             causal = torch.arange(n_keys, device=q.device)[None, :] <= t[:, None]
             mask = listed[:, None, :] & causal[None]
-            _attend_rows(out[b, lo:hi], q[b, lo:hi], k[b, o : o + n_keys], v[b, o : o + n_keys], mask, scale)
+            _attend_rows(
+                out[b, lo:hi], q[b, lo:hi], k[b, o : o + n_keys], v[b, o : o + n_keys], mask, scale,
+                q.dtype if round_probs else None,
+            )
     return out.to(q.dtype)
 
 
-def _attend_rows(out, q_rows, k_rows, v_rows, mask, scale):
+def _attend_rows(out, q_rows, k_rows, v_rows, mask, scale, probs_dtype=None):
     """``out[r, h] = softmax_u(scale q[r,h].k[u,h'] | mask[h,r,u]) . v``; rows with nothing allowed stay 0."""
     rows, hq, _ = q_rows.shape
     n_keys, hkv = k_rows.shape[0], k_rows.shape[1]
@@ -194,6 +200,8 @@ def _attend_rows(out, q_rows, k_rows, v_rows, mask, scale):
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(logits - row_max)
         denom = p.sum(-1, keepdim=True)
+        if probs_dtype is not None:
+            p = p.to(probs_dtype).float()
         o = (p @ vh) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out[:, heads] = o.transpose(0, 1)
 
@@ -245,7 +253,7 @@ def flash_prefill_reference(
     if not return_info:
         return out
     return out, FlashPrefillInfo(
-        density=density_from_counts(count, geo["n_vis"], hq),
+        density=density_from_counts(count, geo, hq),
         block_index=index,
         block_count=count,
         block_size=block_size,

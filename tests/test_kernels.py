@@ -1,0 +1,274 @@
+"""Triton kernels against the fp32 PyTorch reference.
+
+On a CPU-only machine these run under the Triton interpreter (conftest sets TRITON_INTERPRET=1) at
+small sizes in fp16/fp32; on a GPU the same tests run in bf16/fp16 and add real sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ON_GPU, kernel_dtypes
+from fp_kernels import (
+    block_scores_reference,
+    flash_prefill,
+    flash_prefill_reference,
+    pool_keys_reference,
+    sparse_attention_reference,
+)
+from fp_kernels.geometry import normalize_ranges, num_query_slots, slot_geometry
+from fp_kernels.pool import pool_keys
+from fp_kernels.select import select_blocks
+from fp_kernels.sparse_attention import sparse_attention
+from fp_kernels.synthetic import random_block_lists, structured_qkv
+from helpers import assert_close_to_reference, case_id, poison_allocator
+
+DTYPES = kernel_dtypes()
+DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+
+# (batch, q_len, k_len, hq, hkv, dim, block_size): awkward lengths, Lq < Lk, GQA groups 1, 2, 4, 7
+SHAPES_CPU = [
+    (1, 1, 1, 2, 1, 64, 32),
+    (1, 63, 63, 4, 2, 64, 32),
+    (2, 127, 127, 4, 1, 64, 32),
+    (1, 128, 128, 7, 1, 64, 32),
+    (1, 129, 129, 2, 2, 80, 32),
+    (1, 100, 300, 4, 2, 96, 32),
+    (1, 1000, 1000, 2, 1, 64, 128),
+    (1, 200, 200, 2, 1, 128, 64),
+]
+SHAPES_GPU = SHAPES_CPU + [
+    (1, 4224, 4224, 8, 2, 128, 128),
+    (2, 1000, 1000, 28, 4, 128, 128),
+    (1, 3000, 4224, 32, 8, 128, 128),
+    (1, 4096, 4096, 8, 8, 80, 128),
+    (1, 4096, 4096, 8, 2, 256, 128),
+    (1, 8192, 8192, 9, 3, 64, 128),
+    (1, 32768, 32768, 32, 8, 128, 128),
+]
+SHAPES = SHAPES_GPU if ON_GPU else SHAPES_CPU
+SHAPE_IDS = [case_id(*s[:6], bs=s[6]) for s in SHAPES]
+
+
+def make_inputs(shape, dtype, device, seed=0, topics=4):
+    batch, q_len, k_len, hq, hkv, dim, bs = shape
+    q, k, v = structured_qkv(batch, k_len, hq, hkv, dim, block_size=bs, topics=topics, seed=seed, device=device)
+    return q[:, k_len - q_len :].to(dtype), k.to(dtype), v.to(dtype)
+
+
+def reference_error_budget(q, k, v, index, count, bs, kv_start=None, kv_end=None):
+    ref32 = sparse_attention_reference(q.float(), k.float(), v.float(), index, count, bs, kv_start=kv_start,
+                                       kv_end=kv_end)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, bs, kv_start=kv_start, kv_end=kv_end,
+                                          round_probs=True)
+    return ref32, ref_lowp
+
+
+def assert_selection_matches(q, k, info, alpha, bs, rules, kv_start=None, kv_end=None, margin=None):
+    """Kernel block lists equal the reference's, except for blocks whose fp32 score sits within
+    ``margin`` (nats) of the threshold, where input-precision rounding may decide either way."""
+    ref_out, ref_info = flash_prefill_reference(
+        q.float(), k.float(), k.float(), alpha, bs, **rules, kv_start=kv_start, kv_end=kv_end,
+        group_select=info.group_select, return_info=True,
+    )
+    if margin is None:
+        margin = 1e-4 if q.dtype == torch.float32 else 0.05
+    got = torch.stack([torch.stack([info.block_mask(b, h) for h in range(q.shape[2])])
+                       for b in range(q.shape[0])])
+    want = torch.stack([torch.stack([ref_info.block_mask(b, h) for h in range(q.shape[2])])
+                        for b in range(q.shape[0])])
+    if (got == want).all():
+        return
+    assert alpha > 0, "alpha=0 must select every visible block"
+    scores = block_scores_reference(q.float(), k.float(), bs, None, kv_start, kv_end)
+    row_max = scores.amax(-1, keepdim=True)
+    ambiguous = (scores - (row_max + math.log(alpha))).abs() < margin
+    if info.group_select:  # a group's union is ambiguous where any member head is
+        group = q.shape[2] // k.shape[2]
+        ambiguous = ambiguous.view(q.shape[0], -1, group, *ambiguous.shape[2:]).any(2).repeat_interleave(group, 1)
+    bad = (got != want) & ~ambiguous
+    assert not bad.any(), f"{int(bad.sum())} block decisions differ from the reference beyond rounding"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_pool_keys_matches_reference(shape, dtype, device):
+    _, k, _ = make_inputs(shape, dtype, device)
+    bs = shape[-1]
+    start, end = normalize_ranges(k.shape[0], k.shape[1], None, None, device)
+    want = pool_keys_reference(k, bs, start, end)
+    got = pool_keys(k, bs, out_dtype=torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_sparse_attention_on_random_lists(shape, dtype, density, device):
+    batch, q_len, k_len, hq, hkv, dim, bs = shape
+    q, k, v = make_inputs(shape, dtype, device, seed=1)
+    index, count = random_block_lists(batch, hq, q_len, k_len, bs, density, device=device, seed=2)
+    out = torch.full_like(q, float("nan"))
+    sparse_attention(q, k, v, index, count, bs, out=out)
+    ref32, ref_lowp = reference_error_budget(q, k, v, index, count, bs)
+    assert_close_to_reference(out, ref32, ref_lowp, "sparse_attention")
+    if density == 1.0:  # every block listed: dense causal attention
+        if q_len * k_len <= 1 << 24:
+            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+            dense = F.scaled_dot_product_attention(
+                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=allowed,
+                enable_gqa=True,
+            ).transpose(1, 2)
+            assert_close_to_reference(out, dense, ref_lowp, "all blocks vs dense SDPA")
+        else:  # an explicit fp32 mask would not fit: fused causal SDPA in the input dtype
+            assert q_len == k_len
+            dense = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+            rel = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+            assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:1], ids=DTYPE_IDS[:1])
+def test_sparse_attention_without_diagonal_and_empty_lists(dtype, device):
+    """Lists may skip the diagonal or be empty: rows that see nothing listed are 0, never NaN."""
+    q, k, v = make_inputs((1, 160, 160, 2, 1, 64, 32), dtype, device)
+    index, count = random_block_lists(1, 2, 160, 160, 32, 0.4, device=device, keep_diagonal=False, seed=3)
+    count[0, 1, 2] = 0
+    out = torch.full_like(q, float("nan"))
+    sparse_attention(q, k, v, index, count, 32, out=out)
+    ref32, ref_lowp = reference_error_budget(q, k, v, index, count, 32)
+    assert_close_to_reference(out, ref32, ref_lowp, "no-diagonal lists")
+    assert (out[0, 64:96, 1] == 0).all()
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per-head", "per-group"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_flash_prefill_matches_reference(shape, dtype, group_select, device):
+    batch, q_len, k_len, hq, hkv, dim, bs = shape
+    q, k, v = make_inputs(shape, dtype, device, seed=4)
+    rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1} if bs < 128 else {}
+    alpha = 0.3
+    poison_allocator(device)
+    out, info = flash_prefill(q, k, v, alpha, bs, **rules, group_select=group_select, return_info=True)
+    assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
+    assert_selection_matches(q, k, info, alpha, bs, rules)
+    # the attention itself, on the kernel's own lists
+    ref32, ref_lowp = reference_error_budget(q, k, v, info.block_index, info.block_count, bs)
+    assert_close_to_reference(out, ref32, ref_lowp, "flash_prefill")
+    assert ((info.density > 0) & (info.density <= 1)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:1], ids=DTYPE_IDS[:1])
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_padded_batch_rows_equal_rows_alone(side, dtype, device):
+    """kv_start/kv_end: every padded row equals the same row run alone; rows before kv_start are 0."""
+    batch, length, bs = 3, 300, 32
+    q, k, v = make_inputs((batch, length, length, 4, 2, 64, bs), dtype, device, seed=5)
+    lengths = torch.tensor([300, 190, 33], device=device)
+    start = {"left": length - lengths, "right": torch.zeros_like(lengths), "both": (length - lengths) // 2}[side]
+    end = start + lengths if side != "left" else torch.full_like(lengths, length)
+    rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1}
+    poison_allocator(device)
+    out, info = flash_prefill(q, k, v, 0.3, bs, **rules, kv_start=start, kv_end=end, return_info=True)
+    assert not torch.isnan(out).any()
+    for b in range(batch):
+        lo, hi = int(start[b]), int(end[b])
+        alone, alone_info = flash_prefill(q[b : b + 1, lo:hi], k[b : b + 1, lo:hi], v[b : b + 1, lo:hi], 0.3, bs,
+                                          **rules, return_info=True)
+        torch.testing.assert_close(out[b, lo:hi], alone[0], atol=0, rtol=0)
+        torch.testing.assert_close(info.density[b], alone_info.density[0])
+        assert (out[b, :lo] == 0).all()
+    ref32, ref_lowp = reference_error_budget(q, k, v, info.block_index, info.block_count, bs, start, end)
+    assert_close_to_reference(out, ref32, ref_lowp, "padded batch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:1], ids=DTYPE_IDS[:1])
+def test_fully_padded_row_is_zero(dtype, device):
+    q, k, v = make_inputs((2, 96, 96, 2, 1, 64, 32), dtype, device)
+    start = torch.tensor([0, 50], device=device)
+    end = torch.tensor([96, 50], device=device)
+    out = flash_prefill(q, k, v, 0.3, 32, kv_start=start, kv_end=end)
+    assert (out[1] == 0).all() and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("budget", [1, 3, 40])
+def test_min_budget_keeps_the_best_blocks(budget, device):
+    dtype = DTYPES[0]
+    q, k, v = make_inputs((1, 400, 400, 2, 1, 64, 16), dtype, device, seed=6)
+    rules = {"sink_blocks": 0, "window_blocks": 1, "last_dense_blocks": 0, "min_budget": budget}
+    out, info = flash_prefill(q, k, v, 0.99, 16, **rules, return_info=True)
+    assert_selection_matches(q, k, info, 0.99, 16, rules)
+    n_vis = torch.arange(1, info.block_count.shape[-1] + 1, device=device)
+    assert (info.block_count[0] >= torch.minimum(n_vis, torch.tensor(budget, device=device))).all()
+
+
+def test_alpha_zero_is_dense_and_alpha_one_is_sparsest(device):
+    dtype = DTYPES[0]
+    q, k, v = make_inputs((1, 512, 512, 2, 1, 64, 32), dtype, device, topics=8)
+    _, dense = flash_prefill(q, k, v, 0.0, 32, return_info=True)
+    _, mid = flash_prefill(q, k, v, 0.3, 32, return_info=True)
+    _, sparsest = flash_prefill(q, k, v, 1.0, 32, return_info=True)
+    assert (dense.density == 1).all()
+    assert (sparsest.density <= mid.density).all() and (mid.density < 1).all()
+
+
+def test_interpreter_really_runs_the_kernels():
+    """On CPU under TRITON_INTERPRET the Triton path, not the reference, must produce the output."""
+    if ON_GPU:
+        pytest.skip("GPU run: the kernels are compiled")
+    from fp_kernels.api import kernel_backend_reason
+
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.float16)
+    assert kernel_backend_reason(q) is None
+    assert kernel_backend_reason(q.bfloat16()) is not None
+
+
+def test_select_blocks_writes_every_count(device):
+    """Counts are written for every slot, also empty ones (poisoned buffer)."""
+    dtype = DTYPES[0]
+    q, k, _ = make_inputs((2, 70, 200, 2, 1, 64, 32), dtype, device)
+    start = torch.tensor([0, 150], device=device, dtype=torch.int32)
+    end = torch.tensor([200, 200], device=device, dtype=torch.int32)
+    poison_allocator(device)
+    index, count = select_blocks(q, pool_keys(k, 32, start, end), 200, 0.3, 32, 1, 1, 1, 0, None, start, end)
+    n_slots = num_query_slots(70, 200, 32, True)
+    geo = slot_geometry(70, 200, 32, start, end, n_slots, 1)
+    assert ((count >= 0) & (count <= geo["n_vis"][:, None, :])).all()
+    assert (count[:, :, geo["n_vis"][0] == 0] == 0).all()
+
+
+def test_custom_op_fake_matches_real():
+    """The torch.library op's fake (meta) implementation agrees with the real one (torch.compile)."""
+    from fp_kernels.api import _flash_prefill_op
+
+    dtype = DTYPES[0]
+    device = "cuda" if ON_GPU else "cpu"
+    q, k, v = make_inputs((1, 96, 96, 2, 1, 64, 32), dtype, device)
+    for ranges in [(None, None), (torch.tensor([3], device=device), torch.tensor([96], device=device))]:
+        torch.library.opcheck(
+            _flash_prefill_op, (q, k, v, *ranges, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto"),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+@pytest.mark.skipif(not ON_GPU, reason="long sequences need the GPU")
+@pytest.mark.parametrize("seq_len", [65536, 131072])
+def test_long_spot_checks_against_dense(seq_len):
+    """64K/128K: alpha=0 equals cuDNN/flash dense SDPA; at alpha=0.18, sampled rows equal an fp32
+    recomputation from the kernel's own lists."""
+    from fp_kernels.benchmark import dense_attention, spot_check
+
+    q, k, v = structured_qkv(1, seq_len, 32, 8, 128, dtype=torch.bfloat16, device="cuda", topics=16)
+    out = flash_prefill(q, k, v, alpha=0.0)
+    dense = dense_attention(q, k, v, "flash")().transpose(1, 2)
+    rel = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+    assert rel < 1e-2, rel
+    out, info = flash_prefill(q, k, v, alpha=0.18, return_info=True)
+    assert not torch.isnan(out).any()
+    assert spot_check(q, k, v, out, info.block_index, info.block_count, 128, rows=128) < 2e-2
+    assert float(info.density.mean()) < 0.5

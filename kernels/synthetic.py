@@ -7,7 +7,9 @@ Random Gaussian q/k give near-uniform attention, so every block looks alike and 
 * **local diagonal**: every key block gets a *topic* (one of ``topics`` random unit directions)
   and queries carry their own block's topic, so they attend their neighbourhood;
 * **clustered blocks / vertical lines**: topics repeat across the sequence, so a query also hits
-  the scattered earlier blocks that share its topic.
+  the scattered earlier blocks that share its topic;
+* **heads differ within a GQA group**: each query head also leans (with weight ``head_variation``)
+  towards a topic of its own per block, so heads that share K/V still prefer different blocks.
 
 With ``topics`` topics a query block matches about ``1/topics`` of the earlier blocks, so density at
 a fixed alpha falls as ``topics`` grows; ``strength`` sets how sharp the logits are.
@@ -34,6 +36,7 @@ def structured_qkv(
     topics: int = 16,
     strength: float = 1.0,
     sink_tokens: int = 64,
+    head_variation: float = 0.8,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q [B, L, Hq, D]``, ``k``/``v [B, L, Hkv, D]`` with sinks, diagonals and clustered blocks."""
@@ -60,6 +63,11 @@ def structured_qkv(
     q_topic = topic_vec.repeat_interleave(group, dim=1)
     q_sink = sink_dir.repeat_interleave(group, dim=0)[None, :, None, :]
     q = randn(batch, num_q_heads, seq_len, head_dim) + amp * q_topic + 0.5 * amp * q_sink
+    if head_variation:
+        own = torch.randint(0, topics, (batch, num_q_heads, n_blocks), generator=gen, device=device)
+        own = own.repeat_interleave(block_size, dim=-1)[..., :seq_len].unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        dirs = topic_dirs.repeat_interleave(group, dim=0).unsqueeze(0).expand(batch, -1, -1, -1)
+        q = q + head_variation * amp * torch.gather(dirs, 2, own)
     return tuple(x.transpose(1, 2).to(dtype).contiguous() for x in (q, k, v))
 
 

@@ -245,10 +245,10 @@ def flash_prefill(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dim = q.shape[-1]
     scale = dim**-0.5 if scale is None else float(scale)
-    out, index, count = _flash_prefill_op(
-        q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks,
-        last_dense_blocks, min_budget, scale, group_select, backend,
-    )
+    args = (q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks, last_dense_blocks,
+            min_budget, scale, group_select, backend)
+    # the custom op is what torch.compile/CUDA-graph tracing needs; eager calls skip its dispatch cost
+    out, index, count = _flash_prefill_op(*args) if torch.compiler.is_compiling() else _run(*args)
     if not return_info:
         return out
     return out, make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select)

@@ -75,14 +75,14 @@ def plot_density_heatmap(data, *, run: int | None = None, path=None, title: str 
     for (layer, head), g in grouped.iterrows():
         grid[row_of[int(layer)], int(head)] = g.blocks / g.causal if g.causal else 0.0
 
-    width = min(16.0, 2.2 + 0.55 * heads)
-    height = min(18.0, 1.6 + 0.3 * len(layer_ids))
+    width = min(16.0, max(5.5, 2.4 + 0.55 * heads))
+    height = min(18.0, max(4.0, 1.6 + 0.3 * len(layer_ids)))
     fig = _figure(width, height)
     ax = fig.add_subplot()
     cmap = _cmap(DENSITY_CMAP, bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     cbar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
-    cbar.set_label("density (fraction of causal blocks computed)")
+    cbar.set_label("density: fraction of causal blocks computed")
     _percent_axis(cbar.ax.yaxis)
     ax.set_xticks(range(heads))
     ax.set_xticks(np.arange(-0.5, heads, 1), minor=True)
@@ -120,9 +120,7 @@ def plot_density_heatmap(data, *, run: int | None = None, path=None, title: str 
 def _cmap(name: str, bad: str):
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(bad)
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad=bad)
 
 
 # ---------------------------------------------------------------------------- density vs length
@@ -290,6 +288,10 @@ def plot_layer_error(rec, *, run: int | None = None, path=None, title: str | Non
     fig = _figure(max(6.0, 0.22 * len(per_layer) + 2.5), 3.8)
     ax = fig.add_subplot()
     ax.bar(per_layer.index, per_layer["error"], color="#c44e52", label="relative L2 error vs dense")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 1.3 * max(float(per_layer["error"].max()), 1e-12))  # room for the legend
     ax.set_xlabel("layer")
     ax.set_ylabel("||sparse - dense|| / ||dense||")
     ax.grid(axis="y", alpha=0.3)
@@ -299,7 +301,7 @@ def plot_layer_error(rec, *, run: int | None = None, path=None, title: str | Non
     _percent_axis(twin.yaxis)
     twin.set_ylabel("density")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    ax.legend(handles=handles, fontsize=8, loc="upper center", ncols=2)
     ax.set_title(title or "Attention output error of the sparse layers", fontsize=10)
     _save(fig, path)
     return fig

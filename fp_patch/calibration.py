@@ -32,7 +32,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ALPHA_MIN = 1e-4  # below this every block of a real model is kept: the search treats it as "dense"
+ALPHA_MIN = 1e-6  # smallest alpha searched (0 is dense; real models need 1e-3..1e-4 for ~70 % at 4K)
 
 
 # ----------------------------------------------------------------------------- pure searches
@@ -51,6 +51,7 @@ def bisect_alpha(
     density_fn: Callable[[float], float],
     target: float,
     *,
+    start: float = 0.1,
     alpha_min: float = ALPHA_MIN,
     alpha_max: float = 1.0,
     tol: float = 0.01,
@@ -58,49 +59,66 @@ def bisect_alpha(
 ) -> tuple[float, float, list[dict]]:
     """Alpha whose ``density_fn(alpha)`` is within ``tol`` of ``target`` (density falls with alpha).
 
-    Returns ``(alpha, density, history)``: the measured alpha closest to the target (ties: the denser
-    one), its density, and every ``{"alpha", "density"}`` measured. When the target is out of reach
-    the nearest end is returned (logged): ``alpha_max`` when even it computes more than the target
-    (at short lengths the always-kept sink/window blocks alone can exceed it), ``alpha_min`` when
-    even that computes less.
+    Measures ``start`` first, then steps by factors of 10 towards the target until it is bracketed
+    (or ``alpha_min``/``alpha_max`` is reached), then narrows the bracket. ``max_steps`` bounds the
+    number of ``density_fn`` calls. Returns ``(alpha, density, history)``: the measured alpha
+    closest to the target (ties: the denser one), its density, and every ``{"alpha", "density"}``
+    measured. When the target is out of reach the nearest end is returned (logged): ``alpha_max``
+    when even it computes more than the target (at short lengths the always-kept sink/window blocks
+    alone can exceed it), ``alpha_min`` when even that computes less.
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target density must be in (0, 1], got {target!r}")
-    if not 0.0 < alpha_min < alpha_max <= 1.0:
-        raise ValueError(f"need 0 < alpha_min < alpha_max <= 1, got {alpha_min!r}, {alpha_max!r}")
+    if not 0.0 < alpha_min <= start <= alpha_max <= 1.0:
+        raise ValueError(f"need 0 < alpha_min <= start <= alpha_max <= 1, got {alpha_min!r}, {start!r}, {alpha_max!r}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
     history: list[dict] = []
 
-    def measure(alpha: float) -> float:
+    def measure(x: float) -> float:
+        alpha = 10.0**x
         density = float(density_fn(alpha))
         history.append({"alpha": alpha, "density": density})
         logger.info("calibrate: alpha=%.5g -> density %.4f (target %.3f)", alpha, density, target)
         return density
 
-    def best():
+    def result():
         h = min(history, key=lambda r: (abs(r["density"] - target), -r["density"]))
         return h["alpha"], h["density"], history
 
-    lo, hi = math.log10(alpha_min), math.log10(alpha_max)
-    d_hi = measure(alpha_max)
-    if d_hi >= target - tol:
-        if d_hi > target + tol:
-            logger.warning("calibrate: density %.3f at alpha_max=%g is above the target %.3f", d_hi, alpha_max, target)
-        return best()
-    d_lo = measure(alpha_min)
-    if d_lo <= target + tol:
-        if d_lo < target - tol:
-            logger.warning("calibrate: density %.3f at alpha_min=%g is below the target %.3f", d_lo, alpha_min, target)
-        return best()
-    for _ in range(max_steps):
+    x_min, x_max = math.log10(alpha_min), math.log10(alpha_max)
+    x = math.log10(start)
+    d = measure(x)
+    lo = hi = d_lo = d_hi = None  # log10 alphas with density above / below the target
+    # bracket: step a decade at a time towards the target
+    while abs(d - target) > tol and len(history) < max_steps:
+        if d > target:
+            lo, d_lo = x, d
+            if hi is not None or x >= x_max:
+                break
+            x = min(x + 1.0, x_max)
+        else:
+            hi, d_hi = x, d
+            if lo is not None or x <= x_min:
+                break
+            x = max(x - 1.0, x_min)
+        d = measure(x)
+    if abs(d - target) <= tol or lo is None or hi is None:
+        if lo is None:
+            logger.warning("calibrate: density %.3f at alpha_min=%g is below the target %.3f", d, alpha_min, target)
+        elif hi is None:
+            logger.warning("calibrate: density %.3f at alpha_max=%g is above the target %.3f", d, alpha_max, target)
+        return result()
+    while len(history) < max_steps:
         x = _next_point(lo, hi, d_lo, d_hi, target)
-        d = measure(10.0**x)
+        d = measure(x)
         if abs(d - target) <= tol:
             break
         if d > target:
             lo, d_lo = x, d
         else:
             hi, d_hi = x, d
-    return best()
+    return result()
 
 
 def bisect_layer_alphas(
@@ -305,7 +323,8 @@ def calibrate(
     try:
         alpha, density, history["density"] = bisect_alpha(
             lambda a: meter(base.replace(alpha=a, layer_alpha={}))[0],
-            target_density, tol=tol, max_steps=max_steps, alpha_max=alpha_max,
+            target_density, start=min(base.alpha, alpha_max) or alpha_max, tol=tol, max_steps=max_steps,
+            alpha_max=alpha_max,
         )
         config = base.replace(alpha=alpha, layer_alpha={})
         density, layer_density = meter(config)

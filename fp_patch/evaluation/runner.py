@@ -177,10 +177,13 @@ class EvalRun:
     extra: dict = field(default_factory=dict)  # copied into every record
 
     def pending(self) -> list[tuple[Implementation, int]]:
+        """(implementation, row) pairs not in ``results.jsonl`` yet, shortest lengths first (so an
+        interrupted run has every implementation at the lengths it finished), then implementation."""
         done = {(r["impl"], r["id"]) for r in read_results(self.out_dir / RESULTS_FILE)}
-        ids = self.dataset["id"]
-        return [(impl, i) for impl in self.implementations for i, cid in enumerate(ids)
+        ids, lengths = self.dataset["id"], self.dataset["length"]
+        todo = [(lengths[i], k, i, impl) for k, impl in enumerate(self.implementations) for i, cid in enumerate(ids)
                 if (impl.label, cid) not in done]
+        return [(impl, i) for _, _, i, impl in sorted(todo, key=lambda t: t[:3])]
 
     def run(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -194,7 +197,7 @@ class EvalRun:
         with open(self.out_dir / RESULTS_FILE, "a", encoding="utf-8") as sink:
             bar = tqdm(todo, disable=not self.progress, desc="eval", unit="case")
             for impl, index in bar:
-                if impl is not active:
+                if impl is not active:  # a few switches per length: configure + set_attn_implementation
                     activate(self.model, impl, self.backend)
                     active = impl
                 case = self.dataset[index]

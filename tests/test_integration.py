@@ -1,7 +1,9 @@
 """attn_implementation="flashprefill" on tiny models of the seven supported families, against "sdpa".
 
-All models run on the CPU in float32 with ``backend="reference"`` (the pure-PyTorch operator) and
-small blocks (16 tokens), so a few hundred tokens make many blocks. A spy recorder (the contract of
+By default the models run on the CPU in float32 with ``backend="reference"`` (the pure-PyTorch
+operator); ``FLASHPREFILL_TEST_DEVICE=cuda`` runs the same tests in bfloat16 through the Triton
+kernels (``backend="triton"``: an error, not a silent fallback, if they cannot run). Blocks are
+small (16 tokens), so a few hundred tokens make many blocks. A spy recorder (the contract of
 ``fp_patch.recording``) sees every call of the attention function: which module, sparse or dense,
 the density, the fallback reason.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 
 import pytest
 import torch
@@ -25,9 +28,13 @@ VL_FAMILIES = {"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
 VOCAB = 256
 TEXT_TOKENS = 240  # ids 240.. are reserved for the special tokens below
 IMAGE, VIDEO, V_START, V_END = 250, 251, 252, 253
-# settings every model test uses: many blocks from a few hundred tokens, and the PyTorch operator
+DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cpu"))
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+# "equal to sdpa": float32 agrees to rounding; bfloat16 to its own precision
+TOL = {"atol": 1e-4, "rtol": 1e-4} if DTYPE == torch.float32 else {"atol": 4e-2, "rtol": 4e-2}
+# settings every model test uses: many blocks from a few hundred tokens; on the CPU the PyTorch operator
 # (tests/conftest.py may set TRITON_INTERPRET=1, which would route CPU calls through the slow interpreter)
-TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "reference"}
+TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "triton" if DEVICE.type == "cuda" else "reference"}
 
 
 def tiny_config(family: str):
@@ -76,7 +83,7 @@ def build(family: str, attn: str, seed: int = 0, local: bool = False):
     model = auto.from_config(tiny_config(family), attn_implementation=attn).eval()
     if local:
         make_attention_local(model)
-    return model
+    return model.to(DEVICE, DTYPE)
 
 
 def build_pair(family: str, local: bool = False, **settings):
@@ -181,15 +188,24 @@ def decoder_layers(model) -> set:
     return {m.layer_idx for m in model.modules() if is_decoder_attention(m)}
 
 
+def on_device(inputs: dict) -> dict:
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(DEVICE, DTYPE if value.is_floating_point() else None)
+        out[name] = value
+    return out
+
+
 def forward(model, **inputs):
     with torch.no_grad():
-        return model(**inputs).logits
+        return model(**on_device(inputs)).logits.float().cpu()
 
 
 def greedy(model, max_new_tokens: int = 6, **inputs):
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, inputs["input_ids"].shape[1]:]
+        out = model.generate(**on_device(inputs), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, inputs["input_ids"].shape[1]:].cpu()
 
 
 # -- names and routing on the real models ----------------------------------------------------------
@@ -219,7 +235,7 @@ def test_runs_on_decoder_layers_never_on_vision(family, spy):
 def test_alpha0_equals_sdpa(family, spy):
     fp, ref = build_pair(family, alpha=0.0)
     inputs = model_inputs(fp, family, 96)
-    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), **TOL)
     prefill = spy.sparse(q_len=96)
     assert {c["layer"] for c in prefill} == decoder_layers(fp)
     assert all(bool((c["density"] == 1).all()) for c in prefill)
@@ -276,7 +292,7 @@ def test_padded_batch(family, side, spy):
     torch.testing.assert_close(
         forward(fp, input_ids=ids, attention_mask=mask, **extra)[valid],
         forward(ref, input_ids=ids, attention_mask=mask, **extra)[valid],
-        atol=1e-4, rtol=1e-4,
+        **TOL,
     )
     # default alpha, really sparse: the padded row gets exactly what it gets alone (blocks are laid out
     # from its first real token), and the batch never falls back to dense
@@ -286,7 +302,7 @@ def test_padded_batch(family, side, spy):
     assert not spy.reasons() and {c["layer"] for c in spy.sparse(q_len=n_long)} == decoder_layers(fp)
     assert bool((torch.stack([c["density"] for c in spy.calls]) < 1).any())
     alone = forward(fp, input_ids=short_ids)
-    torch.testing.assert_close(batch[1][valid[1]], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch[1][valid[1]], alone[0], **TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -298,11 +314,11 @@ def test_chunked_prefill(family, spy):
     def run(model):
         cache = DynamicCache()
         with torch.no_grad():
-            model(input_ids=first, past_key_values=cache, use_cache=True)
-            return model(input_ids=second, past_key_values=cache, use_cache=True).logits
+            model(input_ids=first.to(DEVICE), past_key_values=cache, use_cache=True)
+            return model(input_ids=second.to(DEVICE), past_key_values=cache, use_cache=True).logits.float().cpu()
 
     fp, ref = build_pair(family, alpha=0.0)
-    torch.testing.assert_close(run(fp), run(ref), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run(fp), run(ref), **TOL)
     assert {c["layer"] for c in spy.sparse(q_len=64, k_len=192)} == decoder_layers(fp)
     # really sparse: close to dense, with blocks skipped
     fp, ref = build_pair(family, local=True)
@@ -381,7 +397,7 @@ def test_configured_at_load_time(tmp_path):
 def test_configure_routes_dense_layers_and_layer_alpha(spy):
     fp, ref = build_pair("llama", local=True, dense_layers=[0], layer_alpha={1: 0.0})
     inputs = model_inputs(fp, "llama", 384)
-    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), **TOL)
     assert {c["layer"] for c in spy.calls if c["reason"] == "dense_layer"} == {0}
     (layer1,) = spy.sparse(layer=1)
     assert bool((layer1["density"] == 1).all())  # alpha 0 on layer 1
@@ -395,7 +411,7 @@ def test_unknown_model_type_uses_generic_defaults(caplog, spy):
     config = transformers.MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
                                         sliding_window=None)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="flashprefill").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flashprefill").eval().to(DEVICE, DTYPE)
     with caplog.at_level("INFO", logger="fp_patch.config"):
         assert fp_patch.get_config(model) == fp_patch.FlashPrefillConfig()
     assert any("mistral" in r.getMessage() for r in caplog.records)
@@ -444,7 +460,7 @@ def test_torch_compile_fullgraph(spy):
     ids = text_ids(64)
     graphs = []
     compiled = torch.compile(fp, fullgraph=True, backend=graph_spy(graphs))
-    torch.testing.assert_close(forward(compiled, input_ids=ids), forward(ref, input_ids=ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forward(compiled, input_ids=ids), forward(ref, input_ids=ids), **TOL)
     assert len(graphs) == 1 and "fp_kernels.flash_prefill" in graphs[0]
     mask = torch.ones_like(ids)
     mask[:, :8] = 0
@@ -452,7 +468,7 @@ def test_torch_compile_fullgraph(spy):
     torch.testing.assert_close(
         forward(compiled, input_ids=ids, attention_mask=mask)[:, valid],
         forward(ref, input_ids=ids, attention_mask=mask)[:, valid],
-        atol=1e-4, rtol=1e-4,
+        **TOL,
     )
     assert len(graphs) == 2 and "fp_kernels.flash_prefill" not in graphs[1]
     torch._dynamo.reset()

@@ -3,11 +3,13 @@
 A stand-in attention module carries what Transformers' modules carry (``is_causal``, ``layer_idx``,
 ``scaling``, ``num_key_value_groups``, ``config``). Inputs come in Transformers' layout: ``query``
 ``[B, Hq, L, D]`` as a transposed view of ``[B, L, Hq, D]`` memory, ``key``/``value`` ``[B, Hkv, L, D]``.
+CPU float32 with the reference operator by default; ``FLASHPREFILL_TEST_DEVICE=cuda``: bfloat16, Triton.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +21,11 @@ from fp_patch import attention as fp_attention
 from fp_patch.config import MODULE_ATTR
 
 HQ, HKV, D = 4, 2, 64
-DENSE = {"alpha": 0.0, "block_size": 16, "min_sparse_len": 16, "backend": "reference"}
+DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cpu"))
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+TOL = {"atol": 1e-5, "rtol": 1e-5} if DTYPE == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+BACKEND = "triton" if DEVICE.type == "cuda" else "reference"
+DENSE = {"alpha": 0.0, "block_size": 16, "min_sparse_len": 16, "backend": BACKEND}
 
 
 class Attention(torch.nn.Module):
@@ -59,7 +65,7 @@ def qkv(batch=2, q_len=96, k_len=None, head_dim=D, seed=0):
     q = torch.randn(batch, q_len, HQ, head_dim, generator=gen).transpose(1, 2)  # HF layout: a view
     k = torch.randn(batch, HKV, k_len, head_dim, generator=gen)
     v = torch.randn(batch, HKV, k_len, head_dim, generator=gen)
-    return q, k, v
+    return tuple(t.to(DEVICE, DTYPE) for t in (q, k, v))
 
 
 def run(module, q, k, v, mask=None, **kwargs):
@@ -80,7 +86,7 @@ def causal_mask(q_len, k_len, starts=(0, 0), ends=None, past=None):
     j = torch.arange(k_len)
     pos = torch.arange(q_len)[:, None] + past
     rows = [(j >= s) & (j < e) & (j <= pos) for s, e in zip(starts, ends, strict=True)]
-    return torch.stack(rows)[:, None]
+    return torch.stack(rows)[:, None].to(DEVICE)
 
 
 def test_layout_scaling_and_gqa_match_sdpa(calls):
@@ -88,12 +94,12 @@ def test_layout_scaling_and_gqa_match_sdpa(calls):
     q, k, v = qkv()
     out = run(module, q, k, v, scaling=module.scaling)
     assert out.shape == (2, 96, HQ, D) and out.is_contiguous()
-    torch.testing.assert_close(out, sdpa(module, q, k, v, scaling=module.scaling), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, sdpa(module, q, k, v, scaling=module.scaling), **TOL)
     # scaling=None: module.scaling is honoured; an explicit scaling wins
     module.scaling = 0.05
-    torch.testing.assert_close(run(module, q, k, v), sdpa(module, q, k, v, scaling=0.05), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(module, q, k, v), sdpa(module, q, k, v, scaling=0.05), **TOL)
     torch.testing.assert_close(
-        run(module, q, k, v, scaling=0.2), sdpa(module, q, k, v, scaling=0.2), atol=1e-5, rtol=1e-5
+        run(module, q, k, v, scaling=0.2), sdpa(module, q, k, v, scaling=0.2), **TOL
     )
     assert calls == [("sparse", 96)] * 3
 
@@ -108,12 +114,12 @@ def test_padding_mask_runs_sparse_with_row_ranges(side, calls):
     assert calls[0] == ("sparse", 96)
     expected = sdpa(module, q, k, v, mask)
     real = mask[:, 0].any(-1)  # query rows with at least one key
-    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[real], expected[real], **TOL)
     assert torch.equal(out[~real], torch.zeros_like(out[~real]))  # fully masked rows: zeros, never NaN
     # the padded row equals the row alone
     rows = slice(40, 96) if side == "left" else slice(0, 56)
     alone = run(module, q[1:, :, rows], k[1:, :, rows], v[1:, :, rows])
-    torch.testing.assert_close(out[1, rows], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, rows], alone[0], **TOL)
 
 
 def test_additive_float_masks_equal_bool(calls):
@@ -121,8 +127,8 @@ def test_additive_float_masks_equal_bool(calls):
     q, k, v = qkv()
     mask = causal_mask(96, 96, (0, 30))
     expected = run(module, q, k, v, mask)
-    for blocked in (float("-inf"), torch.finfo(torch.float32).min):
-        additive = torch.zeros(mask.shape).masked_fill(~mask, blocked)
+    for blocked in (float("-inf"), torch.finfo(DTYPE).min):
+        additive = torch.zeros(mask.shape, device=DEVICE, dtype=DTYPE).masked_fill(~mask, blocked)
         torch.testing.assert_close(run(module, q, k, v, additive), expected, atol=0, rtol=0)
     assert calls == [("sparse", 96)] * 3
 
@@ -131,14 +137,16 @@ def test_masks_that_are_not_row_ranges_fall_back(calls):
     module = Attention()
     q, k, v = qkv()
     # packed sequences expressed as a block-diagonal causal mask
-    packed = causal_mask(96, 96) & (torch.arange(96)[:, None] // 48 == torch.arange(96)[None, :] // 48)
-    torch.testing.assert_close(run(module, q, k, v, packed), sdpa(module, q, k, v, packed), atol=1e-5, rtol=1e-5)
+    blocks = torch.arange(96, device=DEVICE) // 48
+    packed = causal_mask(96, 96) & (blocks[:, None] == blocks[None, :])
+    torch.testing.assert_close(run(module, q, k, v, packed), sdpa(module, q, k, v, packed), **TOL)
     # an additive mask carrying a bias
-    biased = torch.zeros(2, 1, 96, 96).masked_fill(~causal_mask(96, 96), float("-inf")) - 0.5 * torch.rand(96)
-    torch.testing.assert_close(run(module, q, k, v, biased), sdpa(module, q, k, v, biased), atol=1e-5, rtol=1e-5)
+    bias = 0.5 * torch.rand(96, device=DEVICE, dtype=DTYPE)
+    biased = torch.zeros(2, 1, 96, 96, device=DEVICE, dtype=DTYPE).masked_fill(~causal_mask(96, 96), -torch.inf) - bias
+    torch.testing.assert_close(run(module, q, k, v, biased), sdpa(module, q, k, v, biased), **TOL)
     # one mask per head
     per_head = causal_mask(96, 96).expand(2, HQ, 96, 96)
-    torch.testing.assert_close(run(module, q, k, v, per_head), sdpa(module, q, k, v, per_head))
+    torch.testing.assert_close(run(module, q, k, v, per_head), sdpa(module, q, k, v, per_head), **TOL)
     assert calls == [("dense", "mask_not_range"), ("dense", "mask_not_range"), ("dense", "mask_layout")]
 
 
@@ -147,15 +155,15 @@ def test_chunked_and_static_cache_masks(calls):
     # continued prefill on a DynamicCache: 64 new queries after 80 cached keys, bottom-right
     q, k, v = qkv(q_len=64, k_len=144)
     mask = causal_mask(64, 144, (0, 20))
-    torch.testing.assert_close(run(module, q, k, v, mask), sdpa(module, q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(module, q, k, v, mask), sdpa(module, q, k, v, mask), **TOL)
     # second chunk on a StaticCache of 200 slots: keys past the 144 written ones are unfilled
     q, k, v = qkv(q_len=64, k_len=200)
     mask = causal_mask(64, 200, (0, 20), past=80)
-    torch.testing.assert_close(run(module, q, k, v, mask), sdpa(module, q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(module, q, k, v, mask), sdpa(module, q, k, v, mask), **TOL)
     # empty StaticCache without a mask: only the first Lq keys are real
     q, k, v = qkv(q_len=64, k_len=200)
     k[:, :, 64:], v[:, :, 64:] = 1e4, 1e4  # unfilled slots would dominate if they were read
-    torch.testing.assert_close(run(module, q, k, v), sdpa(module, q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(module, q, k, v), sdpa(module, q, k, v), **TOL)
     assert calls == [("sparse", 144), ("sparse", 144), ("sparse", 64)]
 
 
@@ -192,7 +200,7 @@ def test_dense_routes(kwargs, module_kwargs, shape, reason, calls):
     out = run(module, q, k, v, **kwargs)
     assert calls == [("dense", reason)]
     if "dropout" not in kwargs:
-        torch.testing.assert_close(out, sdpa(module, q, k, v, **kwargs), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out, sdpa(module, q, k, v, **kwargs), **TOL)
 
 
 def test_autograd_inputs_go_dense(calls):
@@ -231,11 +239,11 @@ def test_packed_sequences_run_dense_per_sequence(causal, calls):
     sequence) are computed densely and correctly, never sparse."""
     module = Attention(is_causal=causal)
     q, k, v = qkv(batch=1, q_len=100)
-    cu = torch.tensor([0, 30, 64, 100], dtype=torch.int32)
+    cu = torch.tensor([0, 30, 64, 100], dtype=torch.int32, device=DEVICE)
     out = run(module, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=36, max_length_k=36,
               is_causal=causal)
     for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         piece = sdpa(module, q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=causal)
-        torch.testing.assert_close(out[:, lo:hi], piece, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, lo:hi], piece, **TOL)
     assert out.shape == (1, 100, HQ, D) and out.is_contiguous()
     assert calls == [("dense", "packed_sequences")]

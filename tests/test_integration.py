@@ -1,8 +1,8 @@
 """attn_implementation="flashprefill" on tiny models of the seven supported families, against "sdpa".
 
-By default the models run on the CPU in float32 with ``backend="reference"`` (the pure-PyTorch
-operator); ``FLASHPREFILL_TEST_DEVICE=cuda`` runs the same tests in bfloat16 through the Triton
-kernels (``backend="triton"``: an error, not a silent fallback, if they cannot run). Blocks are
+On a CPU-only machine the models run in float32 with ``backend="reference"`` (the pure-PyTorch
+operator); with a GPU (or ``FLASHPREFILL_TEST_DEVICE=cuda``) the same tests run in bfloat16 through
+the Triton kernels (``backend="triton"``: an error, not a silent fallback, if they cannot run). Blocks are
 small (16 tokens), so a few hundred tokens make many blocks. A spy recorder (the contract of
 ``fp_patch.recording``) sees every call of the attention function: which module, sparse or dense,
 the density, the fallback reason.
@@ -28,7 +28,7 @@ VL_FAMILIES = {"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
 VOCAB = 256
 TEXT_TOKENS = 240  # ids 240.. are reserved for the special tokens below
 IMAGE, VIDEO, V_START, V_END = 250, 251, 252, 253
-DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cpu"))
+DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
 # "equal to sdpa": float32 agrees to rounding; bfloat16 to its own precision
 TOL = {"atol": 1e-4, "rtol": 1e-4} if DTYPE == torch.float32 else {"atol": 4e-2, "rtol": 4e-2}

@@ -3,7 +3,7 @@
 A stand-in attention module carries what Transformers' modules carry (``is_causal``, ``layer_idx``,
 ``scaling``, ``num_key_value_groups``, ``config``). Inputs come in Transformers' layout: ``query``
 ``[B, Hq, L, D]`` as a transposed view of ``[B, L, Hq, D]`` memory, ``key``/``value`` ``[B, Hkv, L, D]``.
-CPU float32 with the reference operator by default; ``FLASHPREFILL_TEST_DEVICE=cuda``: bfloat16, Triton.
+CPU: float32 and the reference operator; GPU (or ``FLASHPREFILL_TEST_DEVICE=cuda``): bfloat16, Triton.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fp_patch import attention as fp_attention
 from fp_patch.config import MODULE_ATTR
 
 HQ, HKV, D = 4, 2, 64
-DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cpu"))
+DEVICE = torch.device(os.environ.get("FLASHPREFILL_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
 TOL = {"atol": 1e-5, "rtol": 1e-5} if DTYPE == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 BACKEND = "triton" if DEVICE.type == "cuda" else "reference"

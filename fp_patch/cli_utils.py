@@ -80,7 +80,7 @@ class GenerationProgress:
         synchronize(self._device)
         self._t0 = time.perf_counter()
 
-    def _layer_done(self, *_):
+    def _layer_done(self, *_) -> None:  # returns None: a hook's return value would replace the output
         if self._prefill_layers < len(self._layers):
             self._prefill_layers += 1
             self._bar.update(1)
@@ -132,7 +132,11 @@ def prefill_progress(model, desc: str):
 
     layers = decoder_layers(model)
     bar = tqdm(total=len(layers) or None, desc=desc, unit="layer", delay=PROGRESS_DELAY_S, leave=False)
-    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+
+    def layer_done(*_) -> None:  # a forward hook's return value would replace the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(layer_done) for layer in layers]
     try:
         yield bar
     finally:

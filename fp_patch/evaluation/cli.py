@@ -74,6 +74,8 @@ def add_arguments(parser) -> None:
                              "label=calibrated")
     parser.add_argument("--backend", default=None, choices=["auto", "triton", "reference"],
                         help="FlashPrefill backend for every flashprefill implementation")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap on generated tokens per case (default: each task's own budget, 16-48)")
     parser.add_argument("--out", default="flashprefill-eval", help="output folder (resumed if it exists)")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-plots", action="store_true", help="skip the needle heatmaps")
@@ -167,7 +169,8 @@ def run(args) -> int:
         "gpu": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else None,
     }
     (out / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=not args.no_progress)
+    evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=not args.no_progress,
+             max_new_tokens=args.max_new_tokens)
     labels = {i.label for i in impls}
     records = [r for r in read_results(out / RESULTS_FILE) if r["impl"] in labels]
     written = write_report(records, out, plots=not args.no_plots, meta=meta)

@@ -149,6 +149,30 @@ def generate_case(
     }
 
 
+def repair_results(path: str | os.PathLike) -> None:
+    """Drop unreadable lines (a write cut short by an interruption) so that appending stays valid."""
+    path = Path(path)
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    good = [line for line in text.splitlines() if _parses(line)]
+    fixed = "".join(line + "\n" for line in good)
+    if fixed != text:
+        logger.warning("%s: dropping %d incomplete line(s) left by an interrupted run", path,
+                       len(text.splitlines()) - len(good))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(fixed, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def read_results(path: str | os.PathLike) -> list[dict]:
     """Records of a ``results.jsonl`` (a truncated last line from an interrupted write is skipped)."""
     path = Path(path)
@@ -174,6 +198,7 @@ class EvalRun:
     out_dir: Path
     backend: str | None = None
     progress: bool = True
+    max_new_tokens: int | None = None  # cap on the tasks' own answer budgets
     extra: dict = field(default_factory=dict)  # copied into every record
 
     def pending(self) -> list[tuple[Implementation, int]]:
@@ -189,6 +214,7 @@ class EvalRun:
         from tqdm.auto import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        repair_results(self.out_dir / RESULTS_FILE)
         todo = self.pending()
         skipped = len(self.implementations) * len(self.dataset) - len(todo)
         if skipped:
@@ -205,9 +231,8 @@ class EvalRun:
                 def complete(text, case=case):
                     return score(text, case["answers"], case["metric"]) == 1.0
 
-                result = generate_case(
-                    self.model, self.tokenizer, case["input_ids"], case["max_new_tokens"], impl, done=complete
-                )
+                budget = min(case["max_new_tokens"], self.max_new_tokens or case["max_new_tokens"])
+                result = generate_case(self.model, self.tokenizer, case["input_ids"], budget, impl, done=complete)
                 record = {
                     "impl": impl.label,
                     "attn_implementation": impl.name,

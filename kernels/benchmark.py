@@ -120,7 +120,11 @@ def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, l
         if s >= nkb - last_dense_blocks or n_vis <= sink_blocks + window_blocks or info.group_select:
             continue
         rows = q[0, s * block_size : (s + 1) * block_size, h].float()
-        scores = torch.logsumexp(rows @ kbar[0, :n_vis, h // (hq // hkv)].T * dim**-0.5, dim=0)
+        logits = rows @ kbar[0, :n_vis, h // (hq // hkv)].T * dim**-0.5
+        # a row scores block j only if it sees all of it (the diagonal: the last row only)
+        t = torch.arange(s * block_size, (s + 1) * block_size, device=q.device)
+        last_key = (torch.arange(n_vis, device=q.device) + 1) * block_size - 1
+        scores = torch.logsumexp(logits.masked_fill(t[:, None] < last_key[None, :], -math.inf), dim=0)
         thr = scores.max() + math.log(alpha)
         j = torch.arange(n_vis, device=q.device)
         want = (scores >= thr) | (j < sink_blocks) | (j >= n_vis - window_blocks)

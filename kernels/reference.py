@@ -48,11 +48,14 @@ def block_scores_reference(
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block scores ``T[b, h, s, j] = logsumexp_r(scale * q_r . mean_key_j)`` over the rows ``r`` of slot ``s``.
+    """Block scores ``T[b, h, s, j] = logsumexp_r(scale * q_r . mean_key_j)`` over the rows ``r`` of slot ``s``
+    that see all of block ``j`` (row position >= the block's last key).
 
+    Row-level causality keeps a query from scoring a mean that includes keys in its future: the
+    diagonal block is scored by the slot's last row only, so it does not inflate the row maximum.
     Returns ``[B, Hq, n_slots, nkb]`` float32 (natural log), ``-inf`` where block ``j`` is not
-    causally visible from slot ``s`` or the slot is empty. For plots and tests; the kernels never
-    store this table.
+    causally visible from slot ``s``, no row of the slot sees all of it, or the slot is empty. For
+    plots and tests; the kernels never store this table.
     """
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
@@ -64,13 +67,20 @@ def block_scores_reference(
     kbar = kbar.repeat_interleave(hq // hkv, dim=2)  # [B, nkb, Hq, D]
     nkb = kbar.shape[1]
     scores = torch.full((batch, hq, n_slots, nkb), -math.inf, dtype=torch.float32, device=q.device)
+    off = k_len - q_len
     for b in range(batch):
+        n = int(end[b] - start[b])
         for s in range(n_slots):
             n_vis = int(geo["n_vis"][b, s])
             if n_vis == 0:
                 continue
-            rows = q[b, int(geo["row_lo"][b, s]) : int(geo["row_hi"][b, s])].float()  # [R, Hq, D]
+            lo, hi = int(geo["row_lo"][b, s]), int(geo["row_hi"][b, s])
+            rows = q[b, lo:hi].float()  # [R, Hq, D]
             logits = torch.einsum("rhd,jhd->hrj", rows, kbar[b, :n_vis]) * scale
+            t = torch.arange(lo, hi, device=q.device) + off - int(start[b])  # local row positions
+            last_key = torch.clamp((torch.arange(n_vis, device=q.device) + 1) * block_size, max=n) - 1
+            sees_block = t[:, None] >= last_key[None, :]
+            logits = logits.masked_fill(~sees_block[None], -math.inf)
             scores[b, :, s, :n_vis] = torch.logsumexp(logits, dim=1)
     return scores
 

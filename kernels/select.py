@@ -41,11 +41,14 @@ def _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
 @triton.jit
 def _score_row(
     q_base, stride_ql, kbar_base, stride_kj,
-    row_base, t_lo, t_hi, qb, n_vis, scale_log2,
+    row_base, t_lo, t_hi, qb, n_vis, n, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
     CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
-    """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere."""
+    """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere.
+
+    A row counts towards block ``j`` only if it sees all of ``j`` (row >= the block's last key), so
+    no query scores a mean that includes keys in its future."""
     d = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, CHUNK)
     chunk_ids = tl.arange(0, N_CHUNKS)
@@ -74,7 +77,8 @@ def _score_row(
                     mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
                 )
             s = tl.dot(q, tl.trans(kbar.to(q.dtype))) * scale_log2
-            s = tl.where(row_ok[:, None], s, float("-inf"))
+            last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
+            s = tl.where(row_ok[:, None] & (t[:, None] >= last_key[None, :]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             # every slot has a valid row, so m_new is finite after the first tile with one
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,7 +136,7 @@ def _select_blocks_kernel(
             scores = _score_row(
                 Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_ql,
                 KBAR + b.to(tl.int64) * stride_kb + hkv * stride_kh, stride_kj,
-                row_base, t_lo, t_hi, qb, n_vis, scale_log2,
+                row_base, t_lo, t_hi, qb, n_vis, end - start, scale_log2,
                 HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS,
             )
             keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha

@@ -33,7 +33,12 @@ def oracle(q, k, v, alpha, block_size, sink, window, last_dense, budget, group_s
                 n_vis = min(qb, nkb - 1) + 1
                 scores = []
                 for j in range(n_vis):
-                    pooled = logits[h][rows, j * block_size : min((j + 1) * block_size, k_len)].mean(1)
+                    last_key = min((j + 1) * block_size, k_len) - 1
+                    seeing = [i for i in rows if i + off >= last_key]  # rows that see all of block j
+                    if not seeing:
+                        scores.append(-math.inf)
+                        continue
+                    pooled = logits[h][seeing, j * block_size : last_key + 1].mean(1)
                     scores.append(torch.logsumexp(pooled, 0).item())
                 kept = {j for j in range(n_vis) if j < sink or j >= n_vis - window}
                 if alpha > 0:
@@ -146,7 +151,9 @@ def test_block_scores_are_logsumexp_of_pooled_logits():
     logits = q[0, :, 0].double() @ k[0, :, 0].double().T * 16**-0.5
     for s in range(3):
         for j in range(3):
-            want = torch.logsumexp(logits[s * 32 : (s + 1) * 32, j * 32 : (j + 1) * 32].mean(1), 0)
+            # only rows that see all of block j (row >= its last key) score it: the diagonal gets one row
+            rows = slice(max(s * 32, (j + 1) * 32 - 1), (s + 1) * 32)
+            want = torch.logsumexp(logits[rows, j * 32 : (j + 1) * 32].mean(1), 0)
             if j <= s:
                 assert abs(scores[0, 0, s, j].item() - want.item()) < 1e-4
             else:

@@ -75,8 +75,8 @@ def bisect_alpha(
         raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
     history: list[dict] = []
 
-    def measure(x: float) -> float:
-        alpha = 10.0**x
+    def measure(x: float, alpha: float | None = None) -> float:
+        alpha = 10.0**x if alpha is None else alpha
         density = float(density_fn(alpha))
         history.append({"alpha": alpha, "density": density})
         logger.info("calibrate: alpha=%.5g -> density %.4f (target %.3f)", alpha, density, target)
@@ -88,7 +88,7 @@ def bisect_alpha(
 
     x_min, x_max = math.log10(alpha_min), math.log10(alpha_max)
     x = math.log10(start)
-    d = measure(x)
+    d = measure(x, start)
     lo = hi = d_lo = d_hi = None  # log10 alphas with density above / below the target
     # bracket: step a decade at a time towards the target
     while abs(d - target) > tol and len(history) < max_steps:

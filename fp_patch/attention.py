@@ -130,51 +130,61 @@ def _version(t: torch.Tensor):
         return None
 
 
-def _range_masks_equal(allowed, start, end, k_eff, q_len):
-    """Whether ``allowed [B', Lq, Lk]`` is exactly the operator's mask for keys cut at ``k_eff``:
-    query row ``i`` sits at position ``i + k_eff - Lq`` and sees keys ``start <= j < end, j <= pos``."""
-    k_len = allowed.shape[-1]
-    j = torch.arange(k_len, device=allowed.device)
-    pos = torch.arange(q_len, device=allowed.device) + (k_eff - q_len)
-    expected = (j >= start[:, None, None]) & (j < end[:, None, None]) & (j[None, None, :] <= pos[None, :, None])
-    return (expected == allowed).all()
+# mask elements compared at once: bounds the check's temporaries (a padded 32K batch has a 1G-entry mask)
+_CHECK_ELEMENTS = 1 << 26
+
+
+def _allowed(rows: torch.Tensor):
+    """``(allowed, values_ok)`` of mask rows: bool masks as they are; for an additive mask 0 is
+    "attend" and a very negative value (``finfo.min`` as Transformers writes it, or -inf) "blocked",
+    anything else is a bias the sparse operator does not apply (``values_ok`` False)."""
+    if rows.dtype == torch.bool:
+        return rows, None
+    allowed = rows == 0
+    return allowed, (allowed | (rows <= torch.finfo(rows.dtype).min / 2)).all()
 
 
 def _analyse_mask(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
-    """``(k_eff, kv_start, kv_end)`` when ``mask`` is a causal per-row key range, else a reason string.
+    """``(k_eff, kv_start, kv_end)`` when ``mask`` is a causal per-row key range, else ``(reason, detail)``.
 
-    ``k_eff`` is how many leading keys are real (later ones are cut off); ``kv_start``/``kv_end`` are
-    ``(B,)`` int32 device tensors, or ``None`` when every row sees all ``k_eff`` keys.
+    Each batch row's range ``[start, end)`` is read from the last query row (it sees every valid key),
+    then the whole mask is compared with the operator's mask for three key lengths ``k_eff`` (keys past
+    it are cut off, query row ``i`` sits at ``i + k_eff - Lq`` and sees ``start <= j < end, j <= pos``):
+    ``Lk`` (no cache or a DynamicCache), ``max(end)`` and ``Lq`` (a StaticCache with unfilled slots).
+    ``kv_start``/``kv_end`` are ``(B,)`` int32 device tensors, or ``None`` when every row sees all
+    ``k_eff`` keys. One host sync.
     """
     m = mask[:, 0]
-    if m.dtype == torch.bool:
-        allowed, values_ok = m, None
-    else:
-        # additive mask: 0 = attend, very negative (finfo.min as Transformers writes, or -inf) = blocked;
-        # anything else is a bias the sparse operator does not apply
-        allowed = m == 0
-        values_ok = (allowed | (m <= torch.finfo(m.dtype).min / 2)).all()
-    last = allowed[:, -1]  # the last query row sees every valid key of its batch row
-    j = torch.arange(k_len, device=m.device)
+    device = m.device
+    last, _ = _allowed(m[:, -1])
+    j = torch.arange(k_len, device=device)
     has = last.any(-1)
     start = torch.where(has, torch.where(last, j, k_len).amin(-1), 0)
     end = torch.where(last, j + 1, 0).amax(-1)
     e_max = end.amax()
-    candidates = (k_len, e_max, q_len)
-    oks = torch.stack([_range_masks_equal(allowed, start, end, c, q_len) for c in candidates])
-    if values_ok is not None:
-        oks = oks & values_ok
-    # the one host sync of the analysis
-    host = torch.cat([oks.long(), e_max.long()[None], start.long(), end.long()]).tolist()
-    ok_flags, e_max_h = host[:3], host[3]
-    starts, ends = host[4 : 4 + start.shape[0]], host[4 + start.shape[0] :]
-    k_effs = (k_len, e_max_h, q_len)
-    for ok, k_eff in zip(ok_flags, k_effs, strict=True):
+    offsets = [k_len - q_len, e_max - q_len, 0]  # k_eff - Lq per candidate
+    in_range = (j >= start[:, None]) & (j < end[:, None])  # [B', Lk]
+    oks = [torch.ones((), dtype=torch.bool, device=device) for _ in offsets]
+    values_ok = torch.ones((), dtype=torch.bool, device=device)
+    step = max(1, _CHECK_ELEMENTS // (m.shape[0] * k_len))
+    for r0 in range(0, q_len, step):
+        allowed, chunk_values_ok = _allowed(m[:, r0 : r0 + step])
+        if chunk_values_ok is not None:
+            values_ok = values_ok & chunk_values_ok
+        rows = torch.arange(r0, r0 + allowed.shape[1], device=device)
+        for c, offset in enumerate(offsets):
+            expected = in_range[:, None, :] & (j[None, :] <= rows[:, None] + offset)[None]
+            oks[c] = oks[c] & (expected == allowed).all()
+    host = torch.cat([torch.stack([*oks, values_ok]).long(), e_max[None], start, end]).tolist()
+    ok_flags, values_ok_h, e_max_h = host[:3], host[3], host[4]
+    n = start.shape[0]
+    starts, ends = host[5 : 5 + n], host[5 + n :]
+    if not values_ok_h:
+        return "mask_not_range", "additive mask with biases other than 0 / -inf"
+    for ok, k_eff in zip(ok_flags, (k_len, e_max_h, q_len), strict=True):
         if ok and q_len <= k_eff <= k_len:
             break
     else:
-        if values_ok is not None and not bool(values_ok):
-            return "mask_not_range", "additive mask with biases other than 0 / -inf"
         return "mask_not_range", "mask is not a causal key range per row (packed sequences, custom masks...)"
     if all(s == 0 for s in starts) and all(e == k_eff for e in ends):
         return k_eff, None, None
@@ -214,7 +224,8 @@ def _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, laye
     if q_len == 1:
         return "decode", "one query token"
     if dropout > 0 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
-        return "training", "FlashPrefill is inference-only (no backward, no dropout)"
+        return "training", "inputs need gradients or dropout: the sparse operator is inference-only (no backward); " \
+            "run under torch.no_grad() or torch.inference_mode() for the sparse path"
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             return "unsupported_argument", f"the sparse operator does not implement {name!r}"
@@ -278,19 +289,22 @@ def flashprefill_attention_forward(
     q = query.transpose(1, 2)
     k = key.transpose(1, 2)[:, :k_eff]
     v = value.transpose(1, 2)[:, :k_eff]
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
     rec = None if _compiling() else active_recorder()
     want_info = rec is not None and rec.wants_info
     result = flash_prefill(
         q, k, v, cfg.alpha_for(layer_idx), cfg.block_size, cfg.sink_blocks, cfg.window_blocks,
-        cfg.last_dense_blocks, cfg.min_budget, None if scaling is None else float(scaling),
-        kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select, return_info=want_info,
-        backend=cfg.backend,
+        cfg.last_dense_blocks, cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end,
+        group_select=cfg.group_select, return_info=want_info, backend=cfg.backend,
     )
     out, info = result if want_info else (result, None)
     if rec is not None:
 
         def dense_fn():
-            return _sdpa(module, query, key, value, attention_mask, 0.0, scaling, kwargs)[0]
+            return _sdpa(module, query, key, value, attention_mask, 0.0, scale, kwargs)[0]
 
-        rec.add_sparse(module, layer_idx, info, q_len=q_len, k_len=k_eff, out=out, dense_fn=dense_fn)
+        rec.add_sparse(
+            module, layer_idx, info, q_len=q_len, k_len=k_eff, out=out, dense_fn=dense_fn,
+            q=q, k=k, scale=scale, kv_start=kv_start, kv_end=kv_end,
+        )
     return out, None

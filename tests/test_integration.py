@@ -159,7 +159,7 @@ class SpyRecorder:
     def __init__(self):
         self.calls = []
 
-    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None):
+    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None, **_):
         self.calls.append({"kind": "sparse", "module": module, "layer": layer_idx, "q_len": q_len,
                            "k_len": k_len, "density": info.density.clone(), "reason": None})
 

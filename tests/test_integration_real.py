@@ -49,7 +49,7 @@ class DensitySpy:
     def __init__(self):
         self.densities, self.fallbacks = [], []
 
-    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None):
+    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, **_):
         self.densities.append((layer_idx, q_len, info.density.float().mean().item()))
 
     def add_fallback(self, module, layer_idx, reason, *, q_len, k_len):

@@ -44,7 +44,7 @@ class Calls(list):
 
     wants_info = True
 
-    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None):
+    def add_sparse(self, module, layer_idx, info, *, q_len, k_len, out=None, dense_fn=None, **_):
         assert out.is_contiguous() and torch.equal(out, out.nan_to_num(7.0))
         self.append(("sparse", k_len))
 
@@ -105,7 +105,8 @@ def test_layout_scaling_and_gqa_match_sdpa(calls):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_mask_runs_sparse_with_row_ranges(side, calls):
+def test_padding_mask_runs_sparse_with_row_ranges(side, calls, monkeypatch):
+    monkeypatch.setattr(fp_attention, "_CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
     module = Attention()
     q, k, v = qkv()
     starts, ends = ((0, 40), None) if side == "left" else ((0, 0), (96, 56))
@@ -133,7 +134,8 @@ def test_additive_float_masks_equal_bool(calls):
     assert calls == [("sparse", 96)] * 3
 
 
-def test_masks_that_are_not_row_ranges_fall_back(calls):
+def test_masks_that_are_not_row_ranges_fall_back(calls, monkeypatch):
+    monkeypatch.setattr(fp_attention, "_CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
     module = Attention()
     q, k, v = qkv()
     # packed sequences expressed as a block-diagonal causal mask

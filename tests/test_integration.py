@@ -353,6 +353,25 @@ def test_static_cache_left_padded_generate(family, spy):
     assert "mask_not_range" not in spy.reasons()
 
 
+def test_sliding_window_layers_run_dense(spy):
+    """Qwen2 with a sliding window on layer 1: layer 0 sparse, layer 1 dense SDPA with its window mask."""
+    configs = []
+    for _ in range(2):
+        config = tiny_config("qwen2")
+        config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 48, 1
+        config.layer_types = ["full_attention", "sliding_attention"]
+        configs.append(config)
+    torch.manual_seed(0)
+    fp = AutoModelForCausalLM.from_config(configs[0], attn_implementation="flashprefill").eval().to(DEVICE, DTYPE)
+    ref = AutoModelForCausalLM.from_config(configs[1], attn_implementation="sdpa").eval().to(DEVICE, DTYPE)
+    ref.load_state_dict(fp.state_dict())
+    fp_patch.configure(fp, **TEST_SETTINGS, alpha=0.0)
+    inputs = {"input_ids": text_ids(160)}
+    torch.testing.assert_close(forward(fp, **inputs), forward(ref, **inputs), **TOL)
+    assert [c["layer"] for c in spy.sparse(q_len=160)] == [0]
+    assert [(c["layer"], c["reason"]) for c in spy.calls if c["kind"] == "dense"] == [(1, "sliding_window")]
+
+
 # -- switching, configuration ----------------------------------------------------------------------
 
 

@@ -231,10 +231,13 @@ def plot_block_map(
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     rel = np.where(visible, (s - row_max) / math.log(10), np.nan)
     rel = np.maximum(rel, SCORE_FLOOR)
+    # color range: down to the weakest visible block (at most SCORE_FLOOR), for contrast
+    low = float(np.nanmin(rel)) if np.isfinite(rel).any() else SCORE_FLOOR
+    vmin = min(-1.0, math.floor(low))
     cmap = _cmap(SCORE_CMAP, bad="white")
     fig = _figure(2 * side + 1.2, side)
     left, right = fig.subplots(1, 2, sharex=True, sharey=True)
-    image = left.imshow(np.ma.masked_invalid(rel), cmap=cmap, vmin=SCORE_FLOOR, vmax=0, interpolation="nearest")
+    image = left.imshow(np.ma.masked_invalid(rel), cmap=cmap, vmin=vmin, vmax=0, interpolation="nearest")
     _outline(left, mask & visible, "#00e5ff")
     left.set_title("block scores; selection outlined", fontsize=9)
     shown = np.where(mask & visible, rel, np.nan)
@@ -245,7 +248,7 @@ def plot_block_map(
     right.imshow(
         np.ma.masked_invalid(shown),
         cmap=_cmap(SCORE_CMAP, bad=(0, 0, 0, 0)),
-        vmin=SCORE_FLOOR,
+        vmin=vmin,
         vmax=0,
         interpolation="nearest",
     )

@@ -14,6 +14,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROGRESS_DELAY_S = 2.0
 
 
+def add_device_arguments(parser) -> None:
+    """``--device`` and ``--dtype``, resolved by :func:`resolve_device` and :func:`resolve_dtype`."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on the CPU"
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; other names are checked."""
     if name == "auto":

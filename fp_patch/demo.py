@@ -95,6 +95,8 @@ class Answer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fp_patch.cli_utils import add_device_arguments
+
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0].split("``: ", 1)[-1]
     parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens (SmolLM2 has 8K context)")
@@ -105,13 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="FlashPrefill threshold in [0, 1] (default: the per-model default, 0.18 for Llama)",
     )
     parser.add_argument("--block-size", type=int, default=None, help="tokens per block (default 128)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on the CPU",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--depth", type=float, default=0.5, help="where the fact hides, 0 = start, 1 = end")
     parser.add_argument("--number", type=int, default=None, help="the hidden number (default: from --seed)")
     parser.add_argument("--seed", type=int, default=0, help="picks the hidden number")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fp_patch.cli_utils import add_device_arguments
+
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("model", type=Path, help="local Hugging Face model folder (config.json + weights)")
     parser.add_argument("prompt", type=Path, help="UTF-8 text file with the prompt")
@@ -52,13 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--error", action="store_true", help="also measure each sparse layer's relative L2 error against dense (slower)"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on the CPU",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="passed to from_pretrained")
 
 

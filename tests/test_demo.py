@@ -131,31 +131,16 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+def inspect(model_dir, out, *flags: str) -> int:
+    """``flashprefill inspect`` on the tiny model, with its small-block settings."""
+    prompt = str(model_dir / "prompt.txt")
+    small = ["--block-size", "16", "--min-sparse-len", "32", "--device", "cpu"]
+    return cli.main(["inspect", str(model_dir), prompt, "--out", str(out), *small, *flags])
+
+
 def test_inspect_writes_csv_and_pngs(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "inspect"
-    code = cli.main(
-        [
-            "inspect",
-            str(tiny_model_dir),
-            str(tiny_model_dir / "prompt.txt"),
-            "--out",
-            str(out),
-            "--lengths",
-            "128,256",
-            "--block-size",
-            "16",
-            "--min-sparse-len",
-            "32",
-            "--alpha",
-            "0.9",
-            "--block-maps",
-            "1",
-            "--error",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert code == 0
+    assert inspect(tiny_model_dir, out, "--lengths", "128,256", "--alpha", "0.9", "--block-maps", "1", "--error") == 0
     frame = pd.read_csv(out / "density.csv")
     assert sorted(frame["tokens"].unique()) == [128, 256]
     assert len(frame) == 2 * 2 * 2  # runs x layers x heads
@@ -170,28 +155,7 @@ def test_inspect_writes_csv_and_pngs(tiny_model_dir, tmp_path, capsys):
 
 def test_inspect_dense_layers_and_no_maps(tiny_model_dir, tmp_path):
     out = tmp_path / "inspect"
-    code = cli.main(
-        [
-            "inspect",
-            str(tiny_model_dir),
-            str(tiny_model_dir / "prompt.txt"),
-            "--out",
-            str(out),
-            "--max-tokens",
-            "200",
-            "--block-size",
-            "16",
-            "--min-sparse-len",
-            "32",
-            "--dense-layers",
-            "0",
-            "--block-maps",
-            "none",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert code == 0
+    assert inspect(tiny_model_dir, out, "--max-tokens", "200", "--dense-layers", "0", "--block-maps", "none") == 0
     layers = pd.read_csv(out / "layers.csv", keep_default_na=False)
     assert layers.set_index("layer").loc[0, "reason"] == "dense_layer"
     assert not list(out.glob("block_map_*.png"))

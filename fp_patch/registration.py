@@ -49,7 +49,8 @@ _OUR_NAMES = (ATTN_NAME, INTERNAL_NAME)
 _ENCODER_KEY_PARTS = ("vision", "audio", "image", "visual", "encoder")
 
 _lock = threading.Lock()
-_originals: dict[str, object] = {}
+# attribute of our wrappers holding what they wrap (restored by unregister)
+_MARK = "__fp_patch_original__"
 
 
 def _is_encoder_config(config) -> bool:
@@ -100,6 +101,7 @@ def _wrap_config_setter(prop: property) -> property:
             value = translate_name(self, value)
         original_set(self, value)
 
+    setattr(fset, _MARK, prop)
     return property(prop.fget, fset, prop.fdel, prop.__doc__)
 
 
@@ -108,6 +110,7 @@ def _wrap_set_attn_implementation(original):
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         return original(self, _translate_tree(self.config, attn_implementation), *args, **kwargs)
 
+    setattr(set_attn_implementation, _MARK, original)
     return set_attn_implementation
 
 
@@ -121,14 +124,13 @@ def register() -> None:
     with _lock:
         AttentionInterface.register(INTERNAL_NAME, flashprefill_attention_forward)
         AttentionMaskInterface.register(INTERNAL_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        if "config_property" not in _originals:
-            prop = PretrainedConfig.__dict__["_attn_implementation"]
-            _originals["config_property"] = prop
+        # the wrappers carry their original: registering twice (or after a module reload) wraps once
+        prop = PretrainedConfig.__dict__["_attn_implementation"]
+        if not hasattr(prop.fset, _MARK):
             PretrainedConfig._attn_implementation = _wrap_config_setter(prop)
-        if "set_attn_implementation" not in _originals:
-            original = PreTrainedModel.__dict__["set_attn_implementation"]
-            _originals["set_attn_implementation"] = original
-            PreTrainedModel.set_attn_implementation = _wrap_set_attn_implementation(original)
+        method = PreTrainedModel.__dict__["set_attn_implementation"]
+        if not hasattr(method, _MARK):
+            PreTrainedModel.set_attn_implementation = _wrap_set_attn_implementation(method)
 
 
 def unregister() -> None:
@@ -143,16 +145,19 @@ def unregister() -> None:
     with _lock:
         for interface in (AttentionInterface, AttentionMaskInterface):
             interface._global_mapping.pop(INTERNAL_NAME, None)
-        if "config_property" in _originals:
-            PretrainedConfig._attn_implementation = _originals.pop("config_property")
-        if "set_attn_implementation" in _originals:
-            PreTrainedModel.set_attn_implementation = _originals.pop("set_attn_implementation")
+        prop = PretrainedConfig.__dict__["_attn_implementation"]
+        if hasattr(prop.fset, _MARK):
+            PretrainedConfig._attn_implementation = getattr(prop.fset, _MARK)
+        method = PreTrainedModel.__dict__["set_attn_implementation"]
+        if hasattr(method, _MARK):
+            PreTrainedModel.set_attn_implementation = getattr(method, _MARK)
 
 
 def is_registered() -> bool:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, PretrainedConfig
 
-    return INTERNAL_NAME in AttentionInterface._global_mapping and "config_property" in _originals
+    name_translated = hasattr(PretrainedConfig.__dict__["_attn_implementation"].fset, _MARK)
+    return INTERNAL_NAME in AttentionInterface._global_mapping and name_translated
 
 
 def uses_flashprefill(model_or_config) -> bool:

@@ -86,33 +86,36 @@ def test_largest_alpha_within_tolerance():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_head():
+    """The real SmolLM2 weights cut to their first 6 layers (a full 30-layer pass is too slow for CI)."""
     from fp_patch.models import load_smollm2
 
-    return load_smollm2("sdpa")
+    model, tokenizer = load_smollm2("sdpa")
+    model.model.layers = model.model.layers[:6]
+    model.config.num_hidden_layers = 6
+    return model, tokenizer
 
 
-def test_calibration_converges_on_smollm2(smollm2, tmp_path):
-    """Real weights, 1K tokens of prose, 32-token blocks (32 blocks): the density hits the target."""
-    model, tokenizer = smollm2
-    base = FlashPrefillConfig(alpha=0.18, block_size=32, min_sparse_len=256, backend="reference")
-    result = calibrate(model, tokenizer, target_density=0.6, length=1024, prompts=1, base=base, tol=0.02,
-                       max_steps=8)
-    assert abs(result.density - 0.6) <= 0.02, result.history
+def test_calibration_converges_on_smollm2(smollm2_head, tmp_path):
+    """Real weights on 512 tokens of prose with 32-token blocks (16 blocks): the density hits the target."""
+    model, tokenizer = smollm2_head
+    base = FlashPrefillConfig(alpha=0.5, block_size=32, min_sparse_len=256, backend="reference")
+    result = calibrate(model, tokenizer, target_density=0.85, length=512, prompts=1, base=base, tol=0.02,
+                       max_steps=6)
+    assert abs(result.density - 0.85) <= 0.02, result.history
+    assert model.config._attn_implementation == "sdpa"  # restored
     assert result.config.block_size == 32 and result.config.alpha == result.density_alpha
-    assert 0 < result.config.alpha < 0.18  # denser than the default needs a smaller alpha
-    assert len(result.layer_density) == model.config.num_hidden_layers
+    assert 0 < result.config.alpha < 0.5  # denser than at the start needs a smaller alpha
+    assert sorted(result.layer_density) == list(range(6))
     # the saved config reproduces the measured density when passed to fp_patch.configure
     result.save(tmp_path / "cal.json", tmp_path / "cal.report.json")
     loaded = FlashPrefillConfig.from_json(tmp_path / "cal.json")
     assert loaded == result.config
     fp_patch.configure(model, loaded)
-    prompts = calibration_prompts(tokenizer, 1024, 1)
-    density, _ = DensityMeter(model, prompts)(fp_patch.get_config(model))
+    density, _ = DensityMeter(model, calibration_prompts(tokenizer, 512, 1))(fp_patch.get_config(model))
     assert density == pytest.approx(result.density)
     report = json.loads((tmp_path / "cal.report.json").read_text())
-    assert report["history"]["density"][0]["alpha"] == 0.18
-    assert model.config._attn_implementation == "sdpa"  # restored
+    assert report["history"]["density"][0]["alpha"] == 0.5
 
 
 def test_calibrate_command_per_layer_and_accuracy(tmp_path):

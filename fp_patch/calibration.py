@@ -384,11 +384,9 @@ def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_ma
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="smollm2",
-                        help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    from fp_patch.evaluation.cli import add_model_arguments
+
+    add_model_arguments(parser)
     parser.add_argument("--target-density", type=float, default=0.7,
                         help="fraction of causal blocks to compute at --length (paper: ~0.7 at 4K)")
     parser.add_argument("--length", default="4K", help="reference prompt length in tokens (e.g. 4096 or 4K)")

@@ -50,12 +50,17 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def add_arguments(parser) -> None:
+def add_model_arguments(parser) -> None:
+    """``--model``, ``--device``, ``--dtype`` (shared with ``flashprefill calibrate``); see :func:`load_model`."""
     parser.add_argument("--model", default="smollm2",
                         help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated tasks (default: all: {', '.join(TASKS)})")
     parser.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens, e.g. 1K,2K,4K,8K or 1000")

@@ -9,6 +9,7 @@ Example (the published CPU run is in benchmarks/results/README section "Accuracy
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import platform
@@ -161,6 +162,7 @@ def run(args) -> int:
         dataset = build_datasets(tokenizer, settings)
         dataset.save_to_disk(str(out / DATASET_DIR))
     meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "suite": settings,
         "model": model_name,
         "device": str(args.device),

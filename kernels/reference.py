@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
 from .info import FlashPrefillInfo
@@ -167,6 +168,8 @@ def sparse_attention_reference(
     sel_per_q = hq // block_index.shape[1]
     out = torch.zeros(batch, q_len, hq, v.shape[-1], dtype=torch.float32, device=q.device)
     off = k_len - q_len
+    group = hq // k.shape[2]
+    probs_dtype = q.dtype if round_probs else None
     for b in range(batch):
         o, n = int(start[b]), int(end[b] - start[b])
         for s in range(n_slots):
@@ -174,44 +177,52 @@ def sparse_attention_reference(
             if n_vis == 0:
                 continue
             lo, hi = int(geo["row_lo"][b, s]), int(geo["row_hi"][b, s])
-            n_keys = min(n_vis * block_size, n)
-            # token-level mask [Hq, R, U]: listed block and causal (local key u <= local row t)
-            listed = torch.zeros(block_index.shape[1], n_vis, dtype=torch.bool, device=q.device)
-            for h in range(block_index.shape[1]):
-                ids = block_index[b, h, s, : int(block_count[b, h, s])].long()
-                listed[h, ids[ids < n_vis]] = True
-            listed = listed.repeat_interleave(sel_per_q, 0).repeat_interleave(block_size, 1)[:, :n_keys]
+            # the listed blocks of each query head, padded to the slot's longest list: the work
+            # follows the density instead of the visible range
+            ids = block_index[b, :, s].long().repeat_interleave(sel_per_q, 0)  # [Hq, nkb]
+            count = block_count[b, :, s].long().repeat_interleave(sel_per_q, 0)
+            listed = (torch.arange(ids.shape[-1], device=q.device) < count[:, None]) & (ids >= 0) & (ids < n_vis)
+            width = int(listed.sum(-1).max())
+            if width == 0:
+                continue
+            order = torch.sort((~listed).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            blocks = torch.gather(ids, 1, order)
+            block_ok = torch.gather(listed, 1, order)
+            tokens = (blocks[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
+            token_ok = block_ok.repeat_interleave(block_size, 1) & (tokens < n)
+            tokens = torch.where(token_ok, tokens, torch.zeros_like(tokens))  # [Hq, W]
             t = torch.arange(lo, hi, device=q.device) + off - o
-            causal = torch.arange(n_keys, device=q.device)[None, :] <= t[:, None]
-            mask = listed[:, None, :] & causal[None]
-            _attend_rows(
-                out[b, lo:hi], q[b, lo:hi], k[b, o : o + n_keys], v[b, o : o + n_keys], mask, scale,
-                q.dtype if round_probs else None,
-            )
+            mask = token_ok[:, None, :] & (tokens[:, None, :] <= t[None, :, None])  # [Hq, R, W]
+            heads = torch.arange(hq, device=q.device)
+            k_sel = k[b, o + tokens, (heads // group)[:, None]]  # [Hq, W, D]
+            v_sel = v[b, o + tokens, (heads // group)[:, None]]
+            _attend_rows(out[b, lo:hi], q[b, lo:hi], k_sel, v_sel, mask, scale, probs_dtype)
     return out.to(q.dtype)
 
 
-def _attend_rows(out, q_rows, k_rows, v_rows, mask, scale, probs_dtype=None):
-    """``out[r, h] = softmax_u(scale q[r,h].k[u,h'] | mask[h,r,u]) . v``; rows with nothing allowed stay 0."""
+def _attend_rows(out, q_rows, k_sel, v_sel, mask, scale, probs_dtype=None):
+    """``out[r, h] = softmax_w(scale q[r,h].k_sel[h,w] | mask[h,r,w]) . v_sel[h]``: ``q_rows [R, Hq, D]``,
+    ``k_sel``/``v_sel [Hq, W, D]`` (each head's gathered keys), ``mask [Hq, R, W]``. Rows with nothing
+    allowed stay 0. With ``probs_dtype`` the unnormalised probabilities are rounded as the kernels do."""
     rows, hq, _ = q_rows.shape
-    n_keys, hkv = k_rows.shape[0], k_rows.shape[1]
-    group = hq // hkv
-    chunk = max(1, _TILE_ELEMENTS // max(1, rows * n_keys))
+    chunk = max(1, _TILE_ELEMENTS // max(1, rows * k_sel.shape[1]))
     for h0 in range(0, hq, chunk):
-        heads = torch.arange(h0, min(h0 + chunk, hq), device=q_rows.device)
+        heads = slice(h0, min(h0 + chunk, hq))
         qh = q_rows[:, heads].float().transpose(0, 1)  # [h, R, D]
-        kh = k_rows[:, heads // group].float().transpose(0, 1)  # [h, U, D]
-        vh = v_rows[:, heads // group].float().transpose(0, 1)
+        kh, vh, m = k_sel[heads].float(), v_sel[heads].float(), mask[heads]
+        if probs_dtype is None:
+            # exact fp32 path through the fused kernel; rows with nothing allowed are 0, not NaN
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=scale)
+            out[:, heads] = torch.where(m.any(-1, keepdim=True), o, torch.zeros_like(o)).transpose(0, 1)
+            continue
         logits = (qh @ kh.transpose(1, 2)) * scale
-        m = mask[heads]
         logits = logits.masked_fill(~m, -math.inf)
         row_max = logits.amax(-1, keepdim=True)
         # a row with no allowed key keeps a finite pivot so it yields 0 instead of NaN
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         p = torch.exp(logits - row_max)
         denom = p.sum(-1, keepdim=True)
-        if probs_dtype is not None:
-            p = p.to(probs_dtype).float()
+        p = p.to(probs_dtype).float()
         o = (p @ vh) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out[:, heads] = o.transpose(0, 1)
 

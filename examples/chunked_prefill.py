@@ -6,7 +6,7 @@ With ``alpha=0`` (keep every block) the chunked logits equal the one-shot dense 
 rounding; with the default alpha the greedy answer after a chunked prefill is compared with the
 one-shot FlashPrefill answer (the selections differ slightly: a chunk's query blocks start elsewhere).
 
-Run (CPU default: the embedded SmolLM2-135M-Instruct, ~600 tokens in 256-token chunks)::
+Run (CPU default: the embedded SmolLM2-135M-Instruct, ~500 tokens: one 256-token chunk, then the rest)::
 
     python examples/chunked_prefill.py
     python examples/chunked_prefill.py --model path/to/model --length 32768 --chunk 8192 --block-size 128   # GPU
@@ -22,7 +22,7 @@ from fp_patch.models import smollm2_path
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=None, help="local model folder (default: the embedded SmolLM2)")
-parser.add_argument("--length", type=int, default=600, help="prompt tokens (about)")
+parser.add_argument("--length", type=int, default=480, help="prompt tokens (about)")
 parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk")
 parser.add_argument("--block-size", type=int, default=32)
 args = parser.parse_args()
@@ -75,6 +75,7 @@ continued = frame[frame.tokens < frame.kv_tokens]
 print(f"continued-prefill calls (Lq < Lk) ran sparse at {continued.blocks.sum() / continued.causal_blocks.sum():.1%}")
 print(f"one-shot: {one_shot!r}\nchunked:  {chunked!r}")
 
-assert err < (1e-3 if device == "cpu" else 5e-2), err
+# float32: rounding only; bfloat16 (GPU): chunking changes the order of the sums, allow 2 % of the logit range
+assert err < (1e-3 if device == "cpu" else 0.02 * one_shot_logits.abs().max().item()), err
 assert len(continued) and (continued.density < 1).any(), "the continued prefill did not run sparse"
 assert chunked == one_shot, "greedy answers differ"

@@ -210,9 +210,9 @@ def sparse_attention(
         out.masked_fill_(unseen[:, :, None, None], 0)
     if n_slots == 0 or q_len == 0:
         return out
-    import os
+    from .api import interpreter_enabled
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpreter_enabled()
     cfg = _tile_config(block_size, dim, q.device, interpret)
     cfg.update(config or {})
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")

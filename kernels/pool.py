@@ -8,6 +8,13 @@ import triton.language as tl
 
 from .geometry import num_key_blocks
 
+# Integer kernel arguments that change with the prompt length. Triton specialises integers on
+# "== 1" and "divisible by 16" by default, so lengths coming and going would compile new variants
+# (a stall of seconds on a new prompt length). These are only compared and multiplied (block ids
+# and counts are loaded one scalar at a time): nothing is lost by not specialising them. Tensor
+# strides that change with the length are multiples of the head dim, hence always of 16.
+LENGTH_ARGS = ["q_len", "k_len", "n_slots", "stride_ib", "stride_ih", "stride_is", "stride_cb", "stride_ch"]
+
 
 @triton.jit
 def _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES: tl.constexpr):
@@ -21,7 +28,7 @@ def _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES: tl.constexpr):
     return start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_len"])
 def _pool_keys_kernel(
     K, KBAR, KV_START, KV_END,
     stride_kb, stride_kl, stride_kh,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .geometry import num_key_blocks, num_query_slots
-from .pool import _valid_range
+from .pool import LENGTH_ARGS, _valid_range
 
 _CHUNK = 32  # key blocks scored per dot (H100 sweep: 32 beat 64 and 128, 4 warps beat 8)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
@@ -89,7 +89,7 @@ def _score_row(
     return scores
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _select_blocks_kernel(
     Q, KBAR, KV_START, KV_END, INDEX, COUNT,
     stride_qb, stride_ql, stride_qh,

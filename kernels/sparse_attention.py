@@ -9,12 +9,14 @@ last block is done once with them. K/V are indexed per kv head (GQA without repe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .geometry import normalize_ranges
-from .pool import _valid_range
+from .pool import LENGTH_ARGS, _valid_range
 from .select import _slot_rows
 
 
@@ -47,7 +49,7 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _sparse_attention_kernel(
     Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END,
     stride_qb, stride_ql, stride_qh,
@@ -221,20 +223,22 @@ def sparse_attention(
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
-    _sparse_attention_kernel[grid](
-        q, k, v, out, block_index, block_count,
-        kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        block_index.stride(0), block_index.stride(1), block_index.stride(2),
-        block_count.stride(0), block_count.stride(1),
-        q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
-        GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
-        USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
-        **cfg,
-    )
+    # Triton launches on the current CUDA device, not the tensors' (a model spread over GPUs)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _sparse_attention_kernel[grid](
+            q, k, v, out, block_index, block_count,
+            kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            block_index.stride(0), block_index.stride(1), block_index.stride(2),
+            block_count.stride(0), block_count.stride(1),
+            q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
+            GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
+            HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
+            USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
+            **cfg,
+        )
     return out

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+
+import pytest
 import torch
 
 
@@ -32,3 +36,17 @@ def case_id(batch, q_len, k_len, hq, hkv, dim, **extra) -> str:
     lens = f"L{q_len}" if q_len == k_len else f"Lq{q_len}-Lk{k_len}"
     more = "".join(f"-{k}{v}" for k, v in extra.items())
     return f"B{batch}-{lens}-H{hq}/{hkv}-D{dim}{more}"
+
+
+@contextlib.contextmanager
+def short_failure():
+    """Report an exception as one short failure: its type, message and the last frames of our code.
+
+    torch.compile tracebacks run to hundreds of lines of Dynamo internals before the message, and CI
+    logs keep only their start (a CI run once failed two compile tests with no cause visible)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised as a test failure with the cause up front
+        ours = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages" not in f.filename]
+        where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours[-4:])
+        pytest.fail(f"{type(err).__name__}: {str(err)[:3000]}\n(our frames: {where})", pytrace=False)

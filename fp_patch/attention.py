@@ -30,6 +30,10 @@ a mask while compiling                        dense SDPA (``compiled_mask``: che
                                               would need a host sync)
 ============================================  ===========================================
 
+A call that would run sparse on CUDA then passes the speed guard (:mod:`fp_patch.speed`, on by
+default, ``speed_guard=False`` turns it off): it runs dense SDPA instead where that was measured
+faster for this layer and length class, so the prefill is never slower than SDPA.
+
 Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
 ``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
 
@@ -48,6 +52,7 @@ import torch
 
 from .config import config_for_module
 from .recording import active_recorder
+from .speed import GUARD as SPEED_GUARD
 
 logger = logging.getLogger(__name__)
 
@@ -305,13 +310,25 @@ def flashprefill_attention_forward(
     k = key.transpose(1, 2)[:, :k_eff]
     v = value.transpose(1, 2)[:, :k_eff]
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    alpha = cfg.alpha_for(layer_idx)
     rec = None if _compiling() else active_recorder()
     want_info = rec is not None and rec.wants_info
-    result = flash_prefill(
-        q, k, v, cfg.alpha_for(layer_idx), cfg.block_size, cfg.sink_blocks, cfg.window_blocks,
-        cfg.last_dense_blocks, cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end,
-        group_select=cfg.group_select, return_info=want_info, backend=cfg.backend,
-    )
+
+    def sparse():
+        return flash_prefill(
+            q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
+            cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select,
+            return_info=want_info, backend=cfg.backend,
+        )
+
+    if cfg.speed_guard and rec is None and not _compiling() and SPEED_GUARD.usable(query):
+        plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
+        if plan.path == "dense":
+            return SPEED_GUARD.run(
+                plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            )
+        return SPEED_GUARD.run(plan, query.device, sparse), None
+    result = sparse()
     out, info = result if want_info else (result, None)
     if rec is not None:
 

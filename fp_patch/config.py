@@ -61,6 +61,11 @@ class FlashPrefillConfig:
         backend: ``"auto"`` (Triton kernels where they run, the PyTorch reference on the CPU, dense
             SDPA on other devices/dtypes the kernels can't take), ``"triton"`` (kernels or an error)
             or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
+        speed_guard: on CUDA, time the sparse and the dense path of each layer and length class (CUDA
+            events, read back without a host sync) and run the faster one, so prefill is never
+            slower than dense SDPA (see :mod:`fp_patch.speed`). ``False`` runs every eligible call
+            sparse, e.g. to study accuracy at a fixed sparsity. Off under ``torch.compile``, CUDA
+            graph capture and :func:`fp_patch.record_density`, and on the CPU.
         strict: raise :class:`fp_patch.FlashPrefillFallbackError` instead of silently running dense
             SDPA when a call that should be sparse cannot be (unsupported head dim, mask, device...).
             Calls that are dense by design (decode, short or non-causal queries, sliding-window and
@@ -78,6 +83,7 @@ class FlashPrefillConfig:
     layer_alpha: Mapping[int, float] = field(default_factory=dict)
     group_select: bool = False
     backend: str = "auto"
+    speed_guard: bool = True
     strict: bool = False
 
     def __post_init__(self):
@@ -100,7 +106,7 @@ class FlashPrefillConfig:
             layer = int(key) if isinstance(key, str) and key.isdigit() else key
             overrides[_check_int("layer_alpha key", layer, 0)] = _check_alpha(f"layer_alpha[{layer}]", value)
         object.__setattr__(self, "layer_alpha", dict(sorted(overrides.items())))
-        for name in ("group_select", "strict"):
+        for name in ("group_select", "speed_guard", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:

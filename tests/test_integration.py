@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 import transformers
+from helpers import short_failure
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DynamicCache
 
 import fp_patch
@@ -49,7 +50,9 @@ def assert_equal_to_sdpa(got: torch.Tensor, want: torch.Tensor, family: str) -> 
     assert (got.float() - want.float()).abs().max() < 0.5
 # settings every model test uses: many blocks from a few hundred tokens; on the CPU the PyTorch operator
 # (tests/conftest.py may set TRITON_INTERPRET=1, which would route CPU calls through the slow interpreter)
-TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "triton" if DEVICE.type == "cuda" else "reference"}
+# speed_guard off: on a GPU it would route some calls dense by timing (tested in tests/test_speed.py)
+TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "triton" if DEVICE.type == "cuda" else "reference",
+                 "speed_guard": False}
 
 
 def tiny_config(family: str):
@@ -508,7 +511,7 @@ def test_torch_compile_fullgraph(spy, caplog):
     mask = torch.ones_like(ids)
     mask[:, :8] = 0
     valid = mask[0].bool()
-    with caplog.at_level(logging.WARNING, logger="fp_patch.attention"):
+    with caplog.at_level(logging.WARNING, logger="fp_patch.attention"), short_failure():
         torch.testing.assert_close(forward(compiled, input_ids=ids), forward(ref, input_ids=ids), **TOL)
         torch.testing.assert_close(
             forward(compiled, input_ids=ids, attention_mask=mask)[:, valid],

@@ -1,0 +1,255 @@
+"""The speed guard: each layer runs whichever of sparse FlashPrefill and dense SDPA is faster.
+
+Sparse prefill pays off only when building the block index plus computing the kept blocks costs
+less than dense attention. That depends on the GPU, the shapes, the prompt length, how busy the
+host is (a tiny model is bound by kernel launches, not by the GPU), and on the layer's density,
+which is known only after selection. A crossover guessed once is wrong somewhere, which is how
+sparse prefill ends up slower than dense; the guard measures instead.
+
+How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, while
+:func:`fp_patch.record_density` records, and with ``FlashPrefillConfig(speed_guard=False)``):
+
+* The time of an attention call is taken with two CUDA events on the call's stream and read back
+  later, when ``Event.query()`` says both have passed: no host synchronisation is added. A call
+  whose host side took long (a Triton compilation, a cuDNN plan) while the GPU waited is not used.
+* Times are normalised per causal (query, key) pair of the call and kept per *length class*
+  (``Lq`` and ``Lk`` rounded up to a power of two): the dense cost per shape class (device, dtype,
+  batch, heads, head dim, mask or not), shared by all layers, since dense attention costs the same
+  whatever the content; the sparse cost per layer and alpha, since density differs by layer.
+* Per eligible call: with no dense estimate for the class, the first layer that meets it runs dense
+  (measured); a layer with no sparse estimate runs sparse (measured); then each layer runs the
+  cheaper one, and every :data:`RECHECK`-th call of a layer (staggered across layers) measures the
+  other path again, so a change of prompt or density is noticed. The first forward pass of a new
+  length class is therefore sparse in every layer but one.
+
+:func:`summary` lists the decisions; :func:`reset` forgets every estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+RECHECK = 32  # every RECHECK-th call of a layer and length class measures the path it is not using
+OUTLIER = 3.0  # a time this far from the estimate is kept apart once (one noisy or cold call)
+HOST_STALL_MS = 2.0  # a call whose host side took longer is not used unless its GPU time dwarfs that
+MEASURED_CALLS = 3  # each estimate is measured on this many calls before it is trusted without timing
+_MAX_PENDING = 4096
+
+
+def length_class(n: int) -> int:
+    """``ceil(log2(n))``: lengths of one class differ by less than 2x."""
+    return max(int(n) - 1, 1).bit_length()
+
+
+def causal_pairs(q_len: int, k_len: int) -> float:
+    """(query, key) pairs of causal attention with the queries aligned bottom-right."""
+    return q_len * (k_len - q_len) + q_len * (q_len + 1) / 2
+
+
+class Estimate:
+    """A smoothed cost (ms per million causal pairs and head) that shrugs off one outlier."""
+
+    __slots__ = ("value", "suspect", "count", "in_flight")
+
+    def __init__(self):
+        self.value: float | None = None
+        self.suspect: float | None = None
+        self.count = 0
+        self.in_flight = 0
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        if self.value is None:
+            self.value = x
+        elif x > OUTLIER * self.value or x * OUTLIER < self.value:
+            if self.suspect is None:  # once: keep it apart
+                self.suspect = x
+                return
+            self.value = x  # twice in a row: the cost really changed
+        else:
+            self.value = 0.5 * (self.value + x)
+        self.suspect = None
+
+
+@dataclass
+class LayerState:
+    """One layer's sparse estimate for one length class and alpha."""
+
+    layer_idx: int | None
+    key: tuple
+    sparse: Estimate = field(default_factory=Estimate)
+    calls: int = 0
+    choice: str = ""
+
+
+@dataclass
+class Plan:
+    """What one call runs (``"sparse"`` or ``"dense"``), and where its time goes when measured."""
+
+    path: str
+    estimate: Estimate | None
+    units: float
+
+
+class CudaTimer:
+    """CUDA events on the call's stream; read back without blocking."""
+
+    @staticmethod
+    def usable(t: torch.Tensor) -> bool:
+        if not t.is_cuda:
+            return False
+        with torch.cuda.device(t.device):  # the stream the call runs on (a model spread over GPUs)
+            return not torch.cuda.is_current_stream_capturing()
+
+    def start(self, device: torch.device, plan: Plan | None = None):
+        stream = torch.cuda.current_stream(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event, stream, time.perf_counter()
+
+    def stop(self, token):
+        """A callable: the call's GPU milliseconds once known, ``None`` before, ``nan`` when unusable."""
+        start, stream, t0 = token
+        host_ms = (time.perf_counter() - t0) * 1e3
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+
+        def read():
+            if not end.query():
+                return None
+            gpu_ms = start.elapsed_time(end)
+            # a long host side (compilation, cuDNN plan) may have left the GPU waiting inside the window
+            if host_ms > HOST_STALL_MS and gpu_ms < 3 * host_ms:
+                return float("nan")
+            return gpu_ms
+
+        return read
+
+
+class SpeedGuard:
+    """Chooses sparse or dense per call from measured GPU times (see the module docstring)."""
+
+    def __init__(self, timer=None):
+        self.timer = timer or CudaTimer()
+        self.dense: dict[tuple, Estimate] = {}
+        self.layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.pending: list[tuple] = []
+        self._logged: set[tuple] = set()
+
+    def usable(self, t: torch.Tensor) -> bool:
+        return self.timer.usable(t)
+
+    def _harvest(self) -> None:
+        keep = []
+        for read, estimate, units in self.pending:
+            ms = read()
+            if ms is None:
+                keep.append((read, estimate, units))
+                continue
+            estimate.in_flight -= 1
+            if ms == ms:  # not nan
+                estimate.add(ms / units)
+        self.pending = keep[-_MAX_PENDING:]
+
+    def plan(self, module, layer_idx, query: torch.Tensor, k_len: int, alpha: float, masked: bool) -> Plan:
+        """Which path this call takes. ``query`` is ``[B, Hq, Lq, D]``."""
+        if self.pending:
+            self._harvest()
+        batch, heads, q_len, dim = query.shape
+        classes = (length_class(q_len), length_class(k_len))
+        units = batch * heads * causal_pairs(q_len, k_len) / 1e6
+        dense_key = (query.device, query.dtype, batch, heads, dim, masked, *classes)
+        dense = self.dense.get(dense_key)
+        if dense is None:
+            dense = self.dense[dense_key] = Estimate()
+        per_module = self.layers.get(module)
+        if per_module is None:
+            per_module = self.layers[module] = {}
+        key = (dense_key, alpha)
+        state = per_module.get(key)
+        if state is None:
+            state = per_module[key] = LayerState(layer_idx, key)
+        state.calls += 1
+        sparse = state.sparse
+        if dense.value is None and dense.in_flight == 0:
+            return Plan("dense", dense, units)
+        if sparse.value is None or dense.value is None:
+            return Plan("sparse", sparse, units)
+        best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
+        self._note_choice(state, best, sparse.value * units, dense.value * units)
+        if (state.calls + (layer_idx or 0)) % RECHECK == 0:
+            return Plan(other, dense if other == "dense" else sparse, units)
+        chosen = dense if best == "dense" else sparse
+        return Plan(best, chosen if chosen.count < MEASURED_CALLS else None, units)
+
+    def _note_choice(self, state: LayerState, choice: str, sparse_ms: float, dense_ms: float) -> None:
+        if choice == state.choice:
+            return
+        state.choice = choice
+        lq, lk = 1 << state.key[0][-2], 1 << state.key[0][-1]
+        logger.info(
+            "flashprefill speed guard: layer %s, Lq<=%d Lk<=%d: %s (sparse %.3f ms, dense %.3f ms measured)",
+            state.layer_idx, lq, lk, "sparse" if choice == "sparse" else "dense SDPA", sparse_ms, dense_ms,
+        )
+
+    def run(self, plan: Plan, device: torch.device, fn):
+        """``fn()``, timed when the plan asks for a measurement."""
+        if plan.estimate is None:
+            return fn()
+        token = self.timer.start(device, plan)
+        out = fn()
+        plan.estimate.in_flight += 1
+        self.pending.append((self.timer.stop(token), plan.estimate, plan.units))
+        return out
+
+    def summary(self) -> list[dict]:
+        """One row per (layer, length class, alpha): the estimates (ms per million pairs and head) and
+        the path the layer runs now."""
+        self._harvest()
+        rows = []
+        for per_module in list(self.layers.values()):
+            for state in per_module.values():
+                dense_key, alpha = state.key
+                dense = self.dense.get(dense_key)
+                rows.append({
+                    "layer": state.layer_idx,
+                    "q_len_max": 1 << dense_key[-2],
+                    "k_len_max": 1 << dense_key[-1],
+                    "alpha": alpha,
+                    "sparse_cost": state.sparse.value,
+                    "dense_cost": None if dense is None else dense.value,
+                    "calls": state.calls,
+                    "runs": state.choice or "sparse",
+                })
+        return sorted(rows, key=lambda r: (r["q_len_max"], r["k_len_max"], r["layer"] or 0))
+
+    def reset(self) -> None:
+        self.dense.clear()
+        self.layers = weakref.WeakKeyDictionary()
+        self.pending.clear()
+
+
+GUARD = SpeedGuard()
+
+
+def summary() -> list[dict]:
+    """The speed guard's estimates and choices so far (see :meth:`SpeedGuard.summary`)."""
+    return GUARD.summary()
+
+
+def reset() -> None:
+    """Forget every measurement (the next calls measure again)."""
+    GUARD.reset()
+
+
+def dense_fraction(rows: list[dict] | None = None) -> float | None:
+    """Fraction of (layer, length class) entries that run dense SDPA, or ``None`` when there are none."""
+    rows = summary() if rows is None else rows
+    return sum(r["runs"] == "dense" for r in rows) / len(rows) if rows else None

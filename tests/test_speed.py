@@ -1,0 +1,218 @@
+"""The speed guard (fp_patch.speed): per layer and length class, run whichever path was measured faster.
+
+The guard times calls with CUDA events on a GPU; here a fake timer stands in for them (same
+contract: ``usable``, ``start(device, plan)``, ``stop(token)`` -> a reader returning the call's
+milliseconds, ``None`` while unknown, NaN when unusable), so the decisions are tested on the CPU
+with times the test chooses, through the real attention function of a tiny Llama.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_integration import build_pair, forward, text_ids
+
+import fp_patch
+from fp_patch import speed
+
+
+class FakeTimer:
+    """Times per path in ms per million (pair x head) units; ``ready`` False holds results back."""
+
+    def __init__(self, sparse: float, dense: float):
+        self.cost = {"sparse": sparse, "dense": dense}
+        self.ready = True
+        self.runs: list[str] = []
+        self.measured: list[str] = []
+        self.nan_next = 0
+
+    def usable(self, t):
+        return True
+
+    def start(self, device, plan):
+        self.measured.append(plan.path)
+        return plan
+
+    def stop(self, plan):
+        value = float("nan") if self.nan_next > 0 else self.cost[plan.path] * plan.units
+        self.nan_next = max(0, self.nan_next - 1)
+        return lambda: value if self.ready else None
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def run_pass(guard: speed.SpeedGuard, layers, timer: FakeTimer, q_len: int = 4096, alpha: float = 0.1):
+    """One forward pass over ``layers``: each asks for a plan and 'runs' it."""
+    query = torch.empty(1, 4, q_len, 8, device="meta")
+    paths = []
+    for idx, layer in enumerate(layers):
+        plan = guard.plan(layer, idx, query, q_len, alpha, masked=False)
+        guard.run(plan, query.device, lambda p=plan: timer.runs.append(p.path))
+        paths.append(plan.path)
+    return paths
+
+
+@pytest.fixture
+def layers():
+    return [Layer() for _ in range(4)]
+
+
+@pytest.mark.parametrize("faster", ["sparse", "dense"])
+def test_first_pass_measures_then_the_faster_path_runs(layers, faster):
+    timer = FakeTimer(sparse=1.0 if faster == "sparse" else 3.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    # first pass: one layer measures dense for the whole length class, the others measure sparse
+    assert run_pass(guard, layers, timer) == ["dense", "sparse", "sparse", "sparse"]
+    # layer 0 has no sparse estimate yet
+    assert run_pass(guard, layers, timer) == ["sparse", faster, faster, faster]
+    for _ in range(3):
+        assert run_pass(guard, layers, timer).count(faster) >= 3
+    rows = guard.summary()
+    assert [r["runs"] for r in rows] == [faster] * 4
+    assert rows[0]["sparse_cost"] == pytest.approx(timer.cost["sparse"])
+    assert rows[0]["dense_cost"] == pytest.approx(2.0)
+    assert speed.dense_fraction(rows) == (1.0 if faster == "dense" else 0.0)
+
+
+def test_recheck_measures_the_other_path_and_notices_a_change(layers):
+    timer = FakeTimer(sparse=3.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    for _ in range(3):
+        run_pass(guard, layers, timer)
+    assert {r["runs"] for r in guard.summary()} == {"dense"}
+    passes = [run_pass(guard, layers, timer) for _ in range(speed.RECHECK)]
+    # each layer rechecks sparse once per RECHECK calls, staggered: never two layers in one pass
+    assert sum(p.count("sparse") for p in passes) == len(layers)
+    assert all(p.count("sparse") <= 1 for p in passes)
+    timer.cost["sparse"] = 0.5  # e.g. sparser prompts: the rechecks see it (the first looks like an outlier)
+    for _ in range(2 * speed.RECHECK):
+        run_pass(guard, layers, timer)
+    assert {r["runs"] for r in guard.summary()} == {"sparse"}
+
+
+def test_steady_state_is_not_timed(layers):
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    for _ in range(speed.MEASURED_CALLS + 3):
+        run_pass(guard, layers, timer)
+    timer.measured.clear()
+    for _ in range(5):
+        run_pass(guard, layers, timer)
+    assert timer.measured == []
+
+
+def test_results_not_yet_known_are_waited_for_without_blocking(layers):
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    timer.ready = False
+    guard = speed.SpeedGuard(timer)
+    run_pass(guard, layers, timer)
+    # the dense measurement is still in flight: nobody else measures dense, nothing is decided
+    assert run_pass(guard, layers, timer) == ["sparse"] * 4
+    assert all(r["dense_cost"] is None for r in guard.summary())
+    timer.ready = True
+    run_pass(guard, layers, timer)
+    assert guard.summary()[1]["dense_cost"] == pytest.approx(2.0)
+
+
+def test_unusable_measurements_are_dropped(layers):
+    """A call whose host side stalled (compilation) reads NaN: it is neither kept nor counted."""
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    timer.nan_next = 1
+    guard = speed.SpeedGuard(timer)
+    # layer 0's dense time is dropped (read back at once here), so layer 1 measures dense again
+    assert run_pass(guard, layers, timer) == ["dense", "dense", "sparse", "sparse"]
+    assert guard.dense and all(e.count == 1 and e.value == pytest.approx(2.0) for e in guard.dense.values())
+
+
+def test_one_outlier_is_kept_apart_two_are_believed():
+    est = speed.Estimate()
+    for x in (1.0, 1.2, 10.0):
+        est.add(x)
+    assert est.value == pytest.approx(1.1)
+    est.add(11.0)
+    assert est.value == pytest.approx(11.0)
+
+
+def test_length_classes_and_alphas_are_measured_apart(layers):
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    run_pass(guard, layers, timer, q_len=4096)
+    assert run_pass(guard, layers, timer, q_len=3000)[0] == "sparse"  # same class (2049..4096)
+    assert run_pass(guard, layers, timer, q_len=5000)[0] == "dense"  # a new class: measured again
+    assert run_pass(guard, layers, timer, q_len=4096, alpha=0.3)[1:] == ["sparse"] * 3
+    classes = {(r["q_len_max"], r["alpha"]) for r in guard.summary()}
+    assert classes == {(4096, 0.1), (8192, 0.1), (4096, 0.3)}
+    assert speed.length_class(4096) == 12 and speed.length_class(4097) == 13
+    assert speed.causal_pairs(4, 4) == 10 and speed.causal_pairs(2, 5) == 2 * 3 + 3
+
+
+# -- through the attention function of a real (tiny) Transformers model ------------------------------
+
+
+@pytest.fixture
+def fake_guard(monkeypatch):
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    monkeypatch.setattr(speed.GUARD, "timer", timer)
+    speed.reset()
+    yield timer
+    speed.reset()
+
+
+def count_sparse_calls(monkeypatch):
+    """Shapes of the calls that reach the sparse operator (the attention function imports it per call)."""
+    import fp_kernels
+
+    calls = []
+    original = fp_kernels.flash_prefill
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fp_kernels, "flash_prefill", counting)
+    return calls
+
+
+@pytest.mark.parametrize("faster", ["sparse", "dense"])
+def test_model_runs_the_faster_path(fake_guard, monkeypatch, faster):
+    fake_guard.cost = {"sparse": 1.0, "dense": 2.0} if faster == "sparse" else {"sparse": 3.0, "dense": 2.0}
+    fp, ref = build_pair("llama", speed_guard=True)  # 2 layers
+    calls = count_sparse_calls(monkeypatch)
+    ids = text_ids(256)
+    want = forward(ref, input_ids=ids)
+    forward(fp, input_ids=ids)
+    assert len(calls) == 1  # first pass: layer 0 measures dense, layer 1 sparse
+    calls.clear()
+    forward(fp, input_ids=ids)
+    assert len(calls) == (2 if faster == "sparse" else 1)  # layer 0 measures sparse; layer 1 runs the faster path
+    calls.clear()
+    got = forward(fp, input_ids=ids)
+    if faster == "dense":
+        assert calls == []
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert len(calls) == 2
+    assert {r["runs"] for r in speed.summary()} == {faster}
+
+
+def test_guard_off_recording_and_cpu_timer_keep_every_call_sparse(fake_guard, monkeypatch):
+    fake_guard.cost = {"sparse": 3.0, "dense": 2.0}  # dense faster: the guard would route dense
+    fp, _ = build_pair("llama", speed_guard=False)
+    calls = count_sparse_calls(monkeypatch)
+    ids = text_ids(256)
+    for _ in range(3):
+        forward(fp, input_ids=ids)
+    assert len(calls) == 6 and fake_guard.measured == []
+    # recording density studies the sparsity: the guard stands aside
+    fp_patch.configure(fp, speed_guard=True)
+    calls.clear()
+    with fp_patch.record_density(fp) as rec:
+        for _ in range(3):
+            forward(fp, input_ids=ids)
+    assert len(calls) == 6 and not math.isnan(rec.density())
+    # the real timer only works on CUDA tensors
+    assert not speed.CudaTimer.usable(torch.zeros(1))

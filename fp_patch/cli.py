@@ -13,7 +13,8 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("fp_patch.demo", "answer a hidden-fact question on the embedded real model, sdpa vs flashprefill"),
-    "bench": ("fp_kernels.benchmark", "operator benchmark (dense SDPA flash/cuDNN vs FlashPrefill)"),
+    "bench": ("fp_kernels.benchmark", "operator benchmark (dense SDPA flash/cuDNN vs FlashPrefill); "
+              "with --ttft: time to first token of generate(), sdpa vs flashprefill"),
     "eval": ("fp_patch.evaluation.cli", "long-context accuracy suite, dense vs flashprefill"),
     "calibrate": ("fp_patch.calibration", "find the alpha that gives a target density"),
     "inspect": ("fp_patch.inspect_cli", "record and plot layer/head density for a local model and prompt"),
@@ -28,18 +29,24 @@ def _add_lazy_parser(sub, name: str, module: str, help_text: str, argv: list[str
     return parser
 
 
+def _module(name: str, argv: list[str]) -> str:
+    if name == "bench" and "--ttft" in argv:
+        return "fp_patch.ttft"
+    return SUBCOMMANDS[name][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flashprefill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        _add_lazy_parser(sub, name, module, help_text, argv)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        _add_lazy_parser(sub, name, _module(name, argv), help_text, argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    module = importlib.import_module(_module(args.command, argv))
     return int(module.run(args) or 0)
 
 

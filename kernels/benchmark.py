@@ -301,6 +301,8 @@ def markdown_table(results: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ttft", action="store_true",
+                        help="time generate() end to end instead: see flashprefill bench --ttft --help")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)

@@ -1,0 +1,338 @@
+"""Time to first token: ``generate(max_new_tokens=1)`` with "sdpa" and "flashprefill" in one run.
+
+``flashprefill bench --ttft`` and ``benchmarks/bench_ttft.py`` run this::
+
+    flashprefill bench --ttft --model smollm2 --lengths 4096 8192 16384 32768
+    flashprefill bench --ttft --model llama8b --lengths 8192 32768 131072 --densities 0.05 0.2
+    flashprefill bench --ttft --model qwen3moe --layers 24 --lengths 8192 32768
+    flashprefill bench --ttft --model llama8b --ten-lengths 30000 --lengths
+    flashprefill bench --ttft --model llama8b --profile --lengths 32768 131072
+
+Models: ``smollm2`` is the embedded real model (needle prompts over real prose: each
+implementation's answer is checked). ``llama8b`` (Llama-3.1-8B: 32 layers, 32/8 heads, D=128) and
+``qwen3moe`` (Qwen3-30B-A3B: 48 layers, 32/4 heads, D=128, 128 experts, 8 active; ``--layers``
+keeps the first N layers, stated in the results) have random weights, built on the GPU: their
+attention is near uniform, so selection keeps almost every block; that density is reported as
+measured. ``--densities`` adds clearly labelled runs where the real selection still runs (its cost
+is included) but its block lists are replaced by random ones of the given density: what the rest of
+the model costs around sparse attention at that density.
+
+Rows per length: ``sdpa``; ``flashprefill`` (the default, speed guard on: layers where dense was
+measured faster run dense); ``flashprefill/sparse`` (``speed_guard=False``: every layer sparse).
+The first call of each (kernel compilation, first measurements) is reported apart from the steady
+state (median of ``--repeats`` calls). ``--ten-lengths L`` times ten prompts of ten different
+lengths near ``L`` against ten of one length, and counts Triton compilations. ``--profile`` splits
+the GPU time of one prefill into index building, sparse attention, dense attention and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = ("smollm2", "llama8b", "qwen3moe")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def ttft(model, inputs: dict, repeats: int) -> tuple[float, float, list[float]]:
+    """(first call, median of the next ``repeats``, all of them) of generate(max_new_tokens=1), in s."""
+    times = []
+    for _ in range(repeats + 1):
+        _sync()
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:]) if repeats else times[0], times
+
+
+def build_random(name: str, layers: int | None, device: str):
+    """A random-weight model of the named shape, built directly on ``device`` in bfloat16."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if name == "llama8b":
+        config = transformers.LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144, rope_theta=500000.0,
+        )
+    elif name == "qwen3moe":
+        config = transformers.Qwen3MoeConfig(
+            hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=layers or 48,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+            vocab_size=151936, max_position_embeddings=262144, rope_theta=1000000.0, decoder_sparse_step=1,
+        )
+    else:
+        raise ValueError(f"unknown random model {name!r}; choose from {MODELS[1:]}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def fixed_density(density: float | None):
+    """Replace the selected block lists by random ones of ``density`` (the selection still runs)."""
+    if density is None:
+        yield
+        return
+    from fp_kernels import pipeline
+    from fp_kernels.synthetic import random_block_lists
+
+    real = pipeline.select_blocks
+    cache: dict = {}
+
+    def select(q, *args, **kwargs):
+        index, count = real(q, *args, **kwargs)
+        key = (tuple(index.shape), q.device)
+        if key not in cache:
+            batch, heads = index.shape[:2]
+            q_len, k_len = q.shape[1], args[1]
+            block_size = args[3]
+            cache[key] = random_block_lists(batch, heads, q_len, k_len, block_size, density, device=q.device)
+        return cache[key]
+
+    pipeline.select_blocks = select
+    try:
+        yield
+    finally:
+        pipeline.select_blocks = real
+
+
+def triton_compilations() -> int | None:
+    """Compiled variants held by the three FlashPrefill kernels (``None`` if this Triton hides them)."""
+    from fp_kernels import pool, select, sparse_attention
+
+    total = 0
+    for fn in (pool._pool_keys_kernel, select._select_blocks_kernel, sparse_attention._sparse_attention_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if caches is None:
+            return None
+        for entry in caches.values():
+            total += len(entry[0]) if isinstance(entry, tuple) else len(entry)
+    return total
+
+
+KERNEL_GROUPS = (
+    ("index: pool + select", ("_pool_keys_kernel", "_select_blocks_kernel")),
+    ("sparse attention", ("_sparse_attention_kernel",)),
+    ("dense attention (SDPA)", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+)
+
+
+def profile_prefill(model, inputs: dict) -> dict:
+    """GPU time of one prefill forward, split by kernel group (torch.profiler), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        model(**inputs, logits_to_keep=1)  # warm
+        _sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(**inputs, logits_to_keep=1)
+            _sync()
+    groups = {name: 0.0 for name, _ in KERNEL_GROUPS}
+    groups["rest of the model"] = 0.0
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0.0)
+        if not device_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
+            continue
+        name = event.key.lower()
+        for group, needles in KERNEL_GROUPS:
+            if any(n.lower() in name for n in needles):
+                groups[group] += device_us / 1e3
+                break
+        else:
+            groups["rest of the model"] += device_us / 1e3
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
+    """``(inputs, needle number)``: a needle prompt with a tokenizer, else random ids (seeded by length)."""
+    if tokenizer is not None:
+        from fp_patch.demo import needle_prompt
+
+        prompt = needle_prompt(tokenizer, length)
+        return {k: v.to(device) for k, v in prompt["inputs"].items()}, prompt["number"]
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(seed + length)
+    return {"input_ids": torch.randint(0, vocab, (1, length), device=device, generator=gen)}, None
+
+
+def _density(model, inputs) -> float:
+    import fp_patch
+
+    with torch.no_grad(), fp_patch.record_density(model) as rec:
+        model(**inputs, logits_to_keep=1)
+    return rec.density()
+
+
+def _variants(densities: list[float]):
+    """(impl, label, speed_guard, fixed density) of one length."""
+    yield "sdpa", "sdpa", None, None
+    yield "flashprefill", "flashprefill", True, None
+    yield "flashprefill", "flashprefill/sparse", False, None
+    for d in densities:
+        yield "flashprefill", f"flashprefill @{d:.0%} fixed", True, d
+
+
+def run_lengths(model, tokenizer, args, log=print) -> list[dict]:
+    import fp_patch
+    from fp_patch import speed
+
+    rows = []
+    defaults = fp_patch.defaults_for(model.config.model_type)
+    alpha = args.alpha if args.alpha is not None else defaults.alpha
+    for length in args.lengths:
+        inputs, number = _inputs(model, tokenizer, length, args.device)
+        tokens = int(inputs["input_ids"].shape[1])
+        base = None
+        for impl, label, guard, density in _variants(args.densities):
+            model.set_attn_implementation(impl)
+            speed.reset()
+            if impl == "flashprefill":
+                fp_patch.configure(model, alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
+            with fixed_density(density):
+                first, steady, times = ttft(model, inputs, args.repeats)
+                row = {"model": args.model, "tokens": tokens, "impl": label,
+                       "alpha": alpha if guard is not None else None, "fixed_density": density,
+                       "ttft_first_s": first, "ttft_s": steady, "ttft_all_s": times}
+                if impl == "flashprefill":
+                    row["dense_layer_fraction"] = speed.dense_fraction()
+                    row["density"] = density if density is not None else _density(model, inputs)
+                if args.profile:
+                    row["profile_ms"] = profile_prefill(model, inputs)
+            if base is None:
+                base = steady
+            row["speedup_vs_sdpa"] = base / steady
+            if number is not None:
+                with torch.no_grad():
+                    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+                answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
+                row["answer"], row["found"] = answer, str(number) in answer
+            rows.append(row)
+            log(format_row(row))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
+    """Ten prompts of ten lengths near ``L`` against ten prompts of length ``L`` (steady state after one
+    warm-up each), with the Triton compilations counted across the varied lengths."""
+    import fp_patch
+    from fp_patch import speed
+
+    center = args.ten_lengths
+    step = (center // 100) | 1  # odd: the lengths fall on different residues mod 16
+    lengths = [center + (2 * i - 9) * step for i in range(10)]  # mean length: ``center``
+    model.set_attn_implementation("flashprefill")
+    fp_patch.configure(model, min_sparse_len=args.min_sparse_len)
+    speed.reset()
+    result = {"center": center, "lengths": lengths}
+    for name, seq in (("one_length", [center] * 10), ("ten_lengths", lengths)):
+        warm, _ = _inputs(model, tokenizer, seq[0], args.device)
+        ttft(model, warm, 1)
+        before = triton_compilations()
+        total = 0.0
+        for i, length in enumerate(seq):
+            inputs, _ = _inputs(model, tokenizer, length, args.device, seed=i)
+            total += ttft(model, inputs, 0)[0]
+        after = triton_compilations()
+        result[name] = {"total_s": total, "triton_compilations": None if before is None else after - before}
+    result["ratio"] = result["ten_lengths"]["total_s"] / result["one_length"]["total_s"]
+    log(f"ten lengths {lengths}: {result['ten_lengths']['total_s'] * 1e3:.0f} ms vs ten x {center}: "
+        f"{result['one_length']['total_s'] * 1e3:.0f} ms (ratio {result['ratio']:.3f}; new Triton compilations "
+        f"{result['ten_lengths']['triton_compilations']})")
+    return result
+
+
+def format_row(row: dict) -> str:
+    dens = row.get("density")
+    dens = "" if dens is None else f" density {dens:6.1%}"
+    guard = row.get("dense_layer_fraction")
+    guard = "" if guard is None else f" dense-by-guard {guard:5.1%}"
+    answer = f" {row['answer']!r}" if "answer" in row else ""
+    prof = row.get("profile_ms")
+    prof = "" if not prof else " | " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items())
+    return (f"{row['model']} L={row['tokens']:>6} {row['impl']:>26} ttft {row['ttft_s'] * 1e3:9.1f} ms "
+            f"(first {row['ttft_first_s'] * 1e3:9.1f}) x{row['speedup_vs_sdpa']:.2f}{dens}{guard}{answer}{prof}")
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"{results['model_note']}. GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
+        f"transformers {env.get('transformers')}, {env['date']}. TTFT = generate(max_new_tokens=1), median of "
+        f"{results['repeats']} after a first call (reported apart).",
+        "",
+        "| tokens | implementation | density | TTFT ms | x vs sdpa | first call ms | layers dense by the guard |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        dens = r.get("density")
+        dens = "-" if dens is None else (f"{dens:.1%} (fixed)" if r.get("fixed_density") else f"{dens:.1%}")
+        guard = r.get("dense_layer_fraction")
+        lines.append(
+            f"| {r['tokens']} | {r['impl']} | {dens} | {r['ttft_s'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} "
+            f"| {r['ttft_first_s'] * 1e3:.1f} | {'-' if guard is None else f'{guard:.0%}'} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ttft", action="store_true", help="time generate() end to end (this benchmark)")
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--alpha", type=float, default=None, help="default: the model's published alpha")
+    parser.add_argument("--densities", type=float, nargs="*", default=[],
+                        help="extra runs at these fixed densities (random block lists), e.g. 0.05 0.2")
+    parser.add_argument("--layers", type=int, default=None, help="random models: keep the first N layers")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-sparse-len", type=int, default=2048)
+    parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
+                        help="also time ten prompts of ten lengths near L against ten of length L")
+    parser.add_argument("--profile", action="store_true", help="split one prefill's GPU time by kernel group")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("bench_ttft.json"), help="JSON results (and .md beside it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fp_kernels.benchmark import environment
+
+    import fp_patch  # noqa: F401  (registers "flashprefill")
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("flashprefill bench --ttft needs a CUDA GPU (or --device cpu for a dry run)")
+    if args.model == "smollm2":
+        from fp_patch.models import load_smollm2
+
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        model, tokenizer = load_smollm2("sdpa", device=args.device, dtype=dtype)
+        note = "SmolLM2-135M-Instruct (real weights, needle prompts)"
+    else:
+        model, tokenizer = build_random(args.model, args.layers, args.device), None
+        n = model.config.num_hidden_layers
+        note = f"{args.model} shape, random weights, {n} layers"
+    results = {"environment": environment(), "model": args.model, "model_note": note, "repeats": args.repeats,
+               "rows": run_lengths(model, tokenizer, args)}
+    if args.ten_lengths:
+        results["ten_lengths"] = run_ten_lengths(model, tokenizer, args)
+    args.out.write_text(json.dumps(results, indent=1))
+    md = markdown(results)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(f"saved {args.out} and {args.out.with_suffix('.md')}")
+    return 0

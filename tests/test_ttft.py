@@ -1,0 +1,73 @@
+"""The TTFT benchmark (fp_patch.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
+
+Timings on a CPU mean nothing; what is checked is the bookkeeping: every variant runs and is
+reported against sdpa, densities are measured (or fixed, and then really used by the sparse
+kernel), the ten-lengths run uses ten distinct lengths averaging to the one length, and the
+results render as Markdown. The real runs are on the GPU (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from test_integration import build
+
+from fp_patch import ttft
+
+
+def tiny_args(**over) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    ttft.add_arguments(parser)
+    args = parser.parse_args(["--ttft", "--device", "cpu", "--lengths", "256", "--repeats", "1",
+                              "--min-sparse-len", "64"])
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.fixture
+def tiny():
+    return build("llama", "sdpa")
+
+
+def test_rows_cover_every_variant(tiny):
+    args = tiny_args(densities=[0.5], model="llama8b")
+    rows = ttft.run_lengths(tiny, None, args, log=lambda _: None)
+    assert [r["impl"] for r in rows] == ["sdpa", "flashprefill", "flashprefill/sparse", "flashprefill @50% fixed"]
+    assert rows[0]["speedup_vs_sdpa"] == 1.0 and "density" not in rows[0]
+    for r in rows[1:]:
+        assert r["ttft_s"] > 0 and r["ttft_first_s"] > 0 and len(r["ttft_all_s"]) == 2
+        assert 0.0 < r["density"] <= 1.0
+    assert rows[-1]["density"] == 0.5 and rows[-1]["fixed_density"] == 0.5
+    md = ttft.markdown({"environment": {"torch": "t", "triton": "t", "date": "d"}, "model_note": "tiny",
+                        "repeats": 1, "rows": rows})
+    assert md.count("\n| 256 |") == 4 and "50.0% (fixed)" in md
+
+
+def test_fixed_density_replaces_the_selected_lists():
+    """Inside the context the sparse kernel computes about the asked share of blocks (counted from the
+    lists it receives); outside, the real selection is back."""
+    from fp_kernels import flash_prefill, pipeline
+    from fp_kernels.synthetic import structured_qkv
+
+    q, k, v = structured_qkv(1, 1024, 2, 1, 64, dtype=torch.float32, block_size=64)
+    real = pipeline.select_blocks
+    with ttft.fixed_density(0.3):
+        _, info = flash_prefill(q, k, v, alpha=0.0, block_size=64, return_info=True)
+        assert pipeline.select_blocks is not real
+    assert pipeline.select_blocks is real
+    assert 0.2 < float(info.density.mean()) < 0.45  # alpha=0 alone would keep every block
+    _, dense = flash_prefill(q, k, v, alpha=0.0, block_size=64, return_info=True)
+    assert float(dense.density.mean()) == 1.0
+
+
+def test_ten_lengths_are_distinct_and_average_to_the_one_length(tiny):
+    args = tiny_args(ten_lengths=300)
+    result = ttft.run_ten_lengths(tiny, None, args, log=lambda _: None)
+    lengths = result["lengths"]
+    assert len(set(lengths)) == 10 and sum(lengths) == 10 * 300
+    assert len({n % 16 for n in lengths}) >= 5
+    assert result["one_length"]["total_s"] > 0 and result["ten_lengths"]["total_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ten_lengths"]["total_s"] / result["one_length"]["total_s"])

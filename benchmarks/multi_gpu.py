@@ -51,7 +51,10 @@ MODELS = {
     "quick": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, vocab_size=256),
 }
-REL_L2_LIMIT = 2e-2  # bf16 logits of two attention kernels over 4-16 layers
+REL_L2_LIMIT = 2e-2  # bf16 logits of two attention kernels over 4-16 layers...
+# ...or the distance between two dense SDPA backends on the same model, when that is larger: on the
+# 16-layer random model it was 2.8e-2 (H200 run of 2026-11-22, which judged by 2e-2 alone)
+FLOOR_FACTOR = 1.25
 
 
 class Stage:
@@ -230,7 +233,8 @@ def check_alpha0(model, args, ids, barrier=lambda: None) -> tuple[dict, torch.Te
     sparse = sorted(table)
     out["sparse_layers_by_device"] = {d: [i for i in sparse if devices[i] == d] for d in sorted(set(devices.values()))}
     out["all_layers_sparse"] = sparse == sorted(devices)
-    out["ok"] = out["rel_l2"] < REL_L2_LIMIT and out["all_layers_sparse"]
+    limit = max(REL_L2_LIMIT, FLOOR_FACTOR * out.get("noise_floor_rel_l2", 0.0))
+    out["ok"] = out["rel_l2"] < limit and out["all_layers_sparse"]
     return out, want
 
 

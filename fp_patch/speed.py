@@ -211,22 +211,27 @@ class SpeedGuard:
 
     def summary(self) -> list[dict]:
         """One row per (layer, length class, alpha): the estimates (ms per million pairs and head) and
-        the path the layer runs now."""
+        the path its next call runs (the faster one; ``"sparse"`` while still measuring)."""
         self._harvest()
         rows = []
         for per_module in list(self.layers.values()):
             for state in per_module.values():
                 dense_key, alpha = state.key
                 dense = self.dense.get(dense_key)
+                sparse, dense_ms = state.sparse.value, None if dense is None else dense.value
+                if sparse is None or dense_ms is None:
+                    runs = "sparse"  # still measuring
+                else:
+                    runs = "sparse" if sparse <= dense_ms else "dense"
                 rows.append({
                     "layer": state.layer_idx,
                     "q_len_max": 1 << dense_key[-2],
                     "k_len_max": 1 << dense_key[-1],
                     "alpha": alpha,
-                    "sparse_cost": state.sparse.value,
-                    "dense_cost": None if dense is None else dense.value,
+                    "sparse_cost": sparse,
+                    "dense_cost": dense_ms,
                     "calls": state.calls,
-                    "runs": state.choice or "sparse",
+                    "runs": runs,
                 })
         return sorted(rows, key=lambda r: (r["q_len_max"], r["k_len_max"], r["layer"] or 0))
 

@@ -101,35 +101,30 @@ def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed
 
 
 def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, slots=16):
-    """Fraction of block decisions on sampled slots that disagree with an fp32 recomputation by more
-    than float rounding (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs."""
-    batch, q_len, hq, dim = q.shape
-    hkv = k.shape[2]
-    nkb = -(-q_len // block_size)
-    pad = nkb * block_size - q_len
-    kf = F.pad(k.float(), (0, 0, 0, 0, 0, pad)).view(batch, nkb, block_size, hkv, dim)
-    counts = torch.full((nkb,), block_size, device=k.device)
-    counts[-1] = block_size - pad
-    kbar = kf.sum(2) / counts[None, :, None, None]
+    """Fraction of block decisions on sampled (slot, head) pairs of batch row 0 that disagree with
+    the fp32 scores of :func:`fp_kernels.block_scores_reference` by more than float rounding
+    (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs and per-head selection."""
+    from .reference import block_scores_reference
+
+    if info.group_select:
+        return 0.0
+    hq = q.shape[2]
+    scores = block_scores_reference(q[:1], k[:1], block_size)[0]  # [Hq, S, nkb]
+    n_slots = scores.shape[1]
     bad = total = 0
     gen = torch.Generator(device="cpu").manual_seed(1)
     for _ in range(slots):
-        s = int(torch.randint(nkb, (1,), generator=gen))
+        s = int(torch.randint(n_slots, (1,), generator=gen))
         h = int(torch.randint(hq, (1,), generator=gen))
         n_vis = s + 1
-        if s >= nkb - last_dense_blocks or n_vis <= sink_blocks + window_blocks or info.group_select:
+        if s >= n_slots - last_dense_blocks or n_vis <= sink_blocks + window_blocks:
             continue
-        rows = q[0, s * block_size : (s + 1) * block_size, h].float()
-        logits = rows @ kbar[0, :n_vis, h // (hq // hkv)].T * dim**-0.5
-        # a row scores block j only if it sees all of it (the diagonal: the last row only)
-        t = torch.arange(s * block_size, (s + 1) * block_size, device=q.device)
-        last_key = (torch.arange(n_vis, device=q.device) + 1) * block_size - 1
-        scores = torch.logsumexp(logits.masked_fill(t[:, None] < last_key[None, :], -math.inf), dim=0)
-        thr = scores.max() + math.log(alpha)
-        j = torch.arange(n_vis, device=q.device)
-        want = (scores >= thr) | (j < sink_blocks) | (j >= n_vis - window_blocks)
-        got = info.block_mask(0, h)[s, :n_vis]
-        ambiguous = (scores - thr).abs() < 0.02
+        row = scores[h, s, :n_vis]
+        thr = row.max() + math.log(alpha)
+        j = torch.arange(n_vis, device=row.device)
+        want = (row >= thr) | (j < sink_blocks) | (j >= n_vis - window_blocks)
+        got = info.block_mask(0, h)[s, :n_vis].to(row.device)
+        ambiguous = (row - thr).abs() < 0.02
         bad += int(((want != got) & ~ambiguous).sum())
         total += n_vis
     return bad / max(total, 1)

@@ -299,3 +299,18 @@ def test_length_dependent_arguments_are_not_specialised():
     assert pool_dns == pool_len == ["k_len"]
     for not_specialised, length_args in others:
         assert sorted(not_specialised) == sorted(length_args) and len(length_args) == 8
+
+
+def test_selection_check_agrees_with_the_reference_and_catches_a_wrong_selection():
+    """The benchmark's sampled check of block decisions (run before anything is timed on the GPU):
+    zero disagreement on the reference's own selection, a clear one on a selection made with
+    another alpha."""
+    from fp_kernels.benchmark import selection_check
+
+    q, k, v = structured_qkv(1, 2048, 4, 2, 64, block_size=64)
+    rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1}
+    _, info = flash_prefill(q, k, v, 0.3, 64, **rules, backend="reference", return_info=True)
+    _, other = flash_prefill(q, k, v, 0.9, 64, **rules, backend="reference", return_info=True)
+    assert float(info.density.mean()) < 0.9
+    assert selection_check(q, k, info, 0.3, 64, **rules, slots=64) == 0.0
+    assert selection_check(q, k, other, 0.3, 64, **rules, slots=64) > 0.01

@@ -103,11 +103,16 @@ def bisect_alpha(
                 break
             x = max(x - 1.0, x_min)
         d = measure(x)
-    if abs(d - target) <= tol or lo is None or hi is None:
-        if lo is None:
+    if abs(d - target) <= tol:
+        return result()
+    if lo is None or hi is None:  # not bracketed: the target is out of reach, or the steps ran out
+        if lo is None and x <= x_min:
             logger.warning("calibrate: density %.3f at alpha_min=%g is below the target %.3f", d, alpha_min, target)
-        elif hi is None:
+        elif hi is None and x >= x_max:
             logger.warning("calibrate: density %.3f at alpha_max=%g is above the target %.3f", d, alpha_max, target)
+        else:
+            logger.warning("calibrate: stopped after max_steps=%d before bracketing the target %.3f (nearest "
+                           "density %.3f)", max_steps, target, result()[1])
         return result()
     while len(history) < max_steps:
         x = _next_point(lo, hi, d_lo, d_hi, target)
@@ -231,8 +236,15 @@ class DensityMeter:
         self.prompts = [list(p) for p in prompts]
         self.passes = 0
         self.seconds = 0.0
+        self._measured: dict = {}  # config -> result: a config the search already measured is not run again
 
     def __call__(self, config) -> tuple[float, dict[int, float]]:
+        if config not in self._measured:
+            self._measured[config] = self._measure(config)
+        overall, per_layer = self._measured[config]
+        return overall, dict(per_layer)
+
+    def _measure(self, config) -> tuple[float, dict[int, float]]:
         import torch
 
         import fp_patch

@@ -143,3 +143,25 @@ def test_calibrate_command_per_layer_and_accuracy(tmp_path):
     report = json.loads((tmp_path / "cal.report.json").read_text())
     assert {"density", "per_layer", "accuracy"} <= set(report["history"])
     assert report["accuracy"]["floor"] == report["accuracy"]["dense_accuracy"] - 5
+
+
+def test_bisect_alpha_warns_only_when_the_target_is_missed(caplog):
+    with caplog.at_level(logging.WARNING):
+        alpha, d, history = bisect_alpha(curve(0.3, 0.1), 0.45, start=0.1, tol=0.1)  # the start is within tol
+    assert len(history) == 1 and alpha == 0.1 and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        # a curve so flat that two decade steps cannot bracket the target: the steps ran out
+        bisect_alpha(curve(0.98, 0.97), 0.5, start=1e-3, alpha_min=1e-9, tol=0.001, max_steps=2)
+    assert "max_steps=2 before bracketing" in caplog.text and "alpha_min" not in caplog.text
+
+
+def test_density_meter_measures_each_config_once(monkeypatch):
+    """calibrate() asks for the chosen config's per-layer densities after the search: no second pass."""
+    meter = DensityMeter(model=None, prompts=[[1, 2]])
+    calls = []
+    monkeypatch.setattr(meter, "_measure", lambda cfg: calls.append(cfg) or (0.5, {0: 0.5}))
+    first = meter(FlashPrefillConfig(alpha=0.2))
+    first[1][0] = 9.0  # a caller changing the returned dict does not change what is remembered
+    assert meter(FlashPrefillConfig(alpha=0.2)) == (0.5, {0: 0.5})
+    meter(FlashPrefillConfig(alpha=0.3))
+    assert [c.alpha for c in calls] == [0.2, 0.3]

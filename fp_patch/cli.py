@@ -1,7 +1,8 @@
 """``flashprefill`` command line: ``demo | bench | eval | calibrate | inspect``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``flashprefill --help`` stays fast.
+modules are imported only when their subcommand runs (``flashprefill --help`` loads torch and Transformers,
+which ``import fp_patch`` needs to register itself, but no subcommand dependencies).
 """
 
 from __future__ import annotations

@@ -140,21 +140,24 @@ def profile_prefill(model, inputs: dict) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(**inputs, logits_to_keep=1)
             _sync()
-    groups = {name: 0.0 for name, _ in KERNEL_GROUPS}
-    groups["rest of the model"] = 0.0
+    times = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None)
         if device_us is None:
             device_us = getattr(event, "cuda_time_total", 0.0)
-        if not device_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
-            continue
-        name = event.key.lower()
-        for group, needles in KERNEL_GROUPS:
-            if any(n.lower() in name for n in needles):
-                groups[group] += device_us / 1e3
-                break
-        else:
-            groups["rest of the model"] += device_us / 1e3
+        if device_us and not event.key.startswith(("aten::", "cuda")):
+            times.append((event.key, device_us / 1e3))
+    return group_kernel_times(times)
+
+
+def group_kernel_times(times: list[tuple[str, float]]) -> dict:
+    """Sum ``(kernel name, ms)`` pairs into :data:`KERNEL_GROUPS` (first match wins) and the rest."""
+    groups = {name: 0.0 for name, _ in KERNEL_GROUPS}
+    groups["rest of the model"] = 0.0
+    for key, ms in times:
+        name = key.lower()
+        group = next((g for g, needles in KERNEL_GROUPS if any(n in name for n in needles)), "rest of the model")
+        groups[group] += ms
     groups["total"] = sum(groups.values())
     return groups
 

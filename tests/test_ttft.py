@@ -71,3 +71,15 @@ def test_ten_lengths_are_distinct_and_average_to_the_one_length(tiny):
     assert len({n % 16 for n in lengths}) >= 5
     assert result["one_length"]["total_s"] > 0 and result["ten_lengths"]["total_s"] > 0
     assert result["ratio"] == pytest.approx(result["ten_lengths"]["total_s"] / result["one_length"]["total_s"])
+
+
+def test_profile_groups_kernels_by_name():
+    """The --profile split: our three kernels, SDPA's dense kernels (flash, cuDNN, memory-efficient) and
+    everything else (matmuls, norms...), by the kernel names the GPU profiler reports."""
+    times = [("_pool_keys_kernel", 1.0), ("_select_blocks_kernel", 2.0), ("_sparse_attention_kernel", 10.0),
+             ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 20.0), ("void pytorch_flash::flash_fwd_kernel", 5.0),
+             ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 3.0), ("sm90_xmma_gemm_bf16bf16_bf16f32", 40.0),
+             ("void at::native::vectorized_elementwise_kernel", 4.0)]
+    groups = ttft.group_kernel_times(times)
+    assert groups == {"index: pool + select": 3.0, "sparse attention": 10.0, "dense attention (SDPA)": 28.0,
+                      "rest of the model": 44.0, "total": 85.0}

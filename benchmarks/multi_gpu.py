@@ -13,7 +13,7 @@ Stages, each a subprocess with a deadline (a crash or a hang of one does not tak
    logits of "flashprefill" at alpha 0 against "sdpa" on the same model (relative L2, with the
    distance between two dense SDPA backends as the bf16 noise floor), the layers of both GPUs must have
    recorded sparse calls; per-head density at the default alpha; a 32K-token prefill timed for "sdpa"
-   and "flashprefill" (default alpha; speed guard off and on when the installed fp_patch has it).
+   and "flashprefill" (default alpha; speed guard off and on).
 3. ``tensor_parallel``: ``torchrun --nproc-per-node 2`` of this file with ``--tp-worker``: each rank
    loads the saved model with the model's TP plan, same checks per rank (local heads recorded), the
    per-head densities of each rank against the device_map run's densities of the same global heads,
@@ -157,12 +157,6 @@ def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def has_speed_guard() -> bool:
-    from fp_patch.config import field_names
-
-    return "speed_guard" in field_names()
-
-
 def settings(args) -> dict:
     """Operator settings on top of the model defaults: the paper's on the GPU, small blocks on the CPU."""
     if args.quick:
@@ -254,12 +248,8 @@ def density_default(model, args, ids, barrier=lambda: None) -> dict:
 def time_prefill(model, args, ids, barrier=lambda: None, devices=None) -> dict:
     """A ``--long``-token prefill (``logits_to_keep=1``): 1 warm-up, median of ``--repeats``, every GPU
     synchronised; "sdpa", then "flashprefill" at the default alpha (guard off, then on)."""
-    variants = [("sdpa", None, {})]
-    if has_speed_guard():
-        variants += [("flashprefill", "always sparse", {"speed_guard": False}),
-                     ("flashprefill", "speed guard", {"speed_guard": True})]
-    else:
-        variants += [("flashprefill", "", {})]
+    variants = [("sdpa", None, {}), ("flashprefill", "always sparse", {"speed_guard": False}),
+                ("flashprefill", "speed guard", {"speed_guard": True})]
     rows = []
     for impl, note, overrides in variants:
         model.set_attn_implementation(impl)
@@ -286,9 +276,10 @@ def time_prefill(model, args, ids, barrier=lambda: None, devices=None) -> dict:
 def stage_probe(args, stage: Stage) -> None:
     import inspect
 
-    from fp_kernels import flash_prefill, flash_prefill_reference, pipeline
+    from fp_kernels import flash_prefill, flash_prefill_reference, pool, select, sparse_attention
 
-    stage.data["guard_in_source"] = "torch.cuda.device" in inspect.getsource(pipeline)
+    launch_sites = (pool, select, sparse_attention)
+    stage.data["guard_in_source"] = all("launch_device(" in inspect.getsource(m) for m in launch_sites)
     gen = torch.Generator(device="cuda:1").manual_seed(SEED)
     q, k, v = (torch.randn(1, 4096, h, 128, device="cuda:1", dtype=torch.bfloat16, generator=gen) for h in (8, 2, 2))
     kwargs = {"alpha": 0.18, "return_info": True, "backend": "triton"}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .geometry import num_key_blocks, num_query_slots
@@ -16,24 +14,7 @@ def flash_prefill_triton(
     q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
     min_budget, scale, group_select,
 ):
-    """Run the three kernels; returns ``(out, block_index, block_count)``. Inputs are validated.
-
-    Triton launches on the *current* CUDA device and its stream, not on the tensors' device: with a
-    model spread over GPUs (accelerate's ``device_map``) the current device is usually ``cuda:0``
-    while a layer's tensors live on ``cuda:1``, so the launches are made under the tensors' device.
-    """
-    guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-    with guard:
-        return _pipeline(
-            q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select,
-        )
-
-
-def _pipeline(
-    q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-    min_budget, scale, group_select,
-):
+    """Run the three kernels; returns ``(out, block_index, block_count)``. Inputs are validated."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     has_ranges = kv_start is not None or kv_end is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +16,13 @@ from .geometry import num_key_blocks
 # and counts are loaded one scalar at a time): nothing is lost by not specialising them. Tensor
 # strides that change with the length are multiples of the head dim, hence always of 16.
 LENGTH_ARGS = ["q_len", "k_len", "n_slots", "stride_ib", "stride_ih", "stride_is", "stride_cb", "stride_ch"]
+
+
+def launch_device(t: torch.Tensor):
+    """Context for a kernel launch on ``t``'s device. Triton launches on the *current* CUDA device and
+    its stream, not on the tensors' device: with a model spread over GPUs (accelerate's ``device_map``)
+    the current device is usually ``cuda:0`` while a layer's tensors live on ``cuda:1``."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -80,13 +89,14 @@ def pool_keys(
         return kbar
     has_ranges = kv_start is not None
     dummy = kbar if not has_ranges else None
-    _pool_keys_kernel[(nkb, batch * heads)](
-        k, kbar, kv_start if has_ranges else dummy, kv_end if has_ranges else dummy,
-        k.stride(0), k.stride(1), k.stride(2),
-        kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        k_len, heads,
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
-        ROWS=min(block_size, 32), HAS_RANGES=has_ranges,
-        num_warps=4,
-    )
+    with launch_device(k):
+        _pool_keys_kernel[(nkb, batch * heads)](
+            k, kbar, kv_start if has_ranges else dummy, kv_end if has_ranges else dummy,
+            k.stride(0), k.stride(1), k.stride(2),
+            kbar.stride(0), kbar.stride(1), kbar.stride(2),
+            k_len, heads,
+            HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
+            ROWS=min(block_size, 32), HAS_RANGES=has_ranges,
+            num_warps=4,
+        )
     return kbar

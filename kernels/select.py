@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .geometry import num_key_blocks, num_query_slots
-from .pool import LENGTH_ARGS, _valid_range
+from .pool import LENGTH_ARGS, _valid_range, launch_device
 
 _CHUNK = 32  # key blocks scored per dot (H100 sweep: 32 beat 64 and 128, 4 warps beat 8)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
@@ -215,18 +215,19 @@ def select_blocks(
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))
     rows = min(block_size, 128 if dim <= 128 else 64)
-    _select_blocks_kernel[(n_slots, batch * hsel)](
-        q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
-        q.stride(0), q.stride(1), q.stride(2),
-        kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        index.stride(0), index.stride(1), index.stride(2),
-        count.stride(0), count.stride(1),
-        q_len, k_len, hsel, n_slots,
-        scale * math.log2(math.e), math.log2(alpha) if alpha > 0 else -math.inf,
-        sink_blocks, window_blocks, last_dense_blocks, min_budget,
-        GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
-        CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,
-        **cfg,
-    )
+    with launch_device(q):
+        _select_blocks_kernel[(n_slots, batch * hsel)](
+            q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
+            q.stride(0), q.stride(1), q.stride(2),
+            kbar.stride(0), kbar.stride(1), kbar.stride(2),
+            index.stride(0), index.stride(1), index.stride(2),
+            count.stride(0), count.stride(1),
+            q_len, k_len, hsel, n_slots,
+            scale * math.log2(math.e), math.log2(alpha) if alpha > 0 else -math.inf,
+            sink_blocks, window_blocks, last_dense_blocks, min_budget,
+            GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
+            HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
+            CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,
+            **cfg,
+        )
     return index, count

@@ -9,14 +9,12 @@ last block is done once with them. K/V are indexed per kv head (GQA without repe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .geometry import normalize_ranges
-from .pool import LENGTH_ARGS, _valid_range
+from .pool import LENGTH_ARGS, _valid_range, launch_device
 from .select import _slot_rows
 
 
@@ -223,8 +221,7 @@ def sparse_attention(
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
-    # Triton launches on the current CUDA device, not the tensors' (a model spread over GPUs)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with launch_device(q):
         _sparse_attention_kernel[grid](
             q, k, v, out, block_index, block_count,
             kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,

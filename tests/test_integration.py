@@ -548,3 +548,122 @@ def test_generate_static_cache_compiled(spy):
     assert graphs, "generate did not compile the decode step"
     assert {c["layer"] for c in spy.sparse(q_len=64, k_len=64)} == decoder_layers(fp)
     torch._dynamo.reset()
+
+
+# -- GPU only: no host sync on the sparse path, inductor + CUDA graphs ---------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="needs a CUDA device (runs on a GPU, or with FLASHPREFILL_TEST_DEVICE=cuda)"
+)
+
+
+def count_triton_pipeline(monkeypatch) -> list:
+    """Count calls of the Triton pipeline (fp_kernels.api imports it at call time, so this spy sees them)."""
+    import fp_kernels.pipeline
+
+    calls = []
+    real = fp_kernels.pipeline.flash_prefill_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fp_kernels.pipeline, "flash_prefill_triton", counted)
+    return calls
+
+
+def syncs_in_our_code(caught) -> list[str]:
+    """``file:line`` of the synchronizing-operation warnings (sync debug mode "warn") raised by
+    fp_patch / fp_kernels code."""
+    ours = []
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        path = w.filename.replace("\\", "/")
+        if "/fp_patch/" in path or "/kernels/" in path or "/fp_kernels/" in path:
+            ours.append(f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{w.lineno}")
+    return ours
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sparse_prefill_has_no_host_sync(monkeypatch):
+    """An unpadded prefill (B=1, mask None) runs the Triton pipeline on every layer with no host sync
+    anywhere in the forward: under ``torch.cuda.set_sync_debug_mode("error")`` any ``.item()``,
+    ``.tolist()``, ``.cpu()`` or stream synchronisation raises."""
+    fp, ref = build_pair("llama", local=LOCAL)  # TEST_SETTINGS: backend="triton", speed_guard=False
+    n = 384
+    assert n >= fp_patch.get_config(fp).min_sparse_len
+    ids = text_ids(n).to(DEVICE)
+    pipeline_calls = count_triton_pipeline(monkeypatch)
+    with torch.no_grad():
+        fp(input_ids=ids)  # warm-up: Triton compilation and autotuning synchronise by design
+        torch.cuda.synchronize()
+        pipeline_calls.clear()
+        # the mode really catches syncs (else this test could not fail)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                torch.ones(1, device=DEVICE).item()
+            logits = fp(input_ids=ids).logits
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        expected = ref(input_ids=ids).logits
+    assert len(pipeline_calls) == len(decoder_layers(fp)), "the sparse Triton pipeline did not run on every layer"
+    assert (logits.float() - expected.float()).abs().max() < 0.1 * expected.float().std()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_padded_prefill_syncs_once_per_forward(monkeypatch):
+    """A padded batch gets a bool mask, which is checked (it must be a causal key range per row) and
+    read into per-row ``kv_start``/``kv_end``: exactly one host sync per forward pass in our code (the
+    first layer; the other layers reuse the result for the same mask tensor), none in the kernels."""
+    import warnings
+
+    fp, _ = build_pair("llama", local=LOCAL_SHARP)
+    ids, mask, _ = padded_batch(160, 112, "left")
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    pipeline_calls = count_triton_pipeline(monkeypatch)
+    with torch.no_grad():
+        fp(input_ids=ids, attention_mask=mask)  # warm-up (compilation, autotuning)
+        torch.cuda.synchronize()
+        pipeline_calls.clear()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fp(input_ids=ids, attention_mask=mask)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(pipeline_calls) == len(decoder_layers(fp))
+    ours = syncs_in_our_code(caught)
+    assert len(ours) == 1 and ours[0].startswith("fp_patch/attention.py"), ours
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@needs_cuda
+def test_generate_static_cache_inductor_reduce_overhead(spy):
+    """generate() with a StaticCache and Transformers' own compilation on the inductor backend with
+    ``mode="reduce-overhead"`` (CUDA graphs) for the decode steps: the prefill is sparse (Triton), the
+    compiled decode steps route dense, and the tokens equal sdpa's under the same compilation."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    def run(model):
+        torch._dynamo.reset()
+        counters.clear()
+        config = CompileConfig(fullgraph=True, backend="inductor", mode="reduce-overhead", dynamic=False)
+        with short_failure():
+            tokens = greedy(model, max_new_tokens=8, input_ids=ids, cache_implementation="static",
+                            compile_config=config)
+        assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the decode step"
+        return tokens
+
+    fp, ref = build_pair("llama", alpha=0.0)
+    ids = text_ids(96)
+    tokens = run(fp)
+    assert {c["layer"] for c in spy.sparse(q_len=96, k_len=96)} == decoder_layers(fp)
+    assert torch.equal(tokens, run(ref))
+    torch._dynamo.reset()

@@ -3,20 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import traceback
 
 import pytest
 import torch
 
+# the kernel launchers that allocate outputs with ``torch.empty``
+_LAUNCHER_MODULES = ("fp_kernels.pool", "fp_kernels.select", "fp_kernels.sparse_attention")
+POISON_INT = -7
 
-def poison_allocator(device: str, nbytes: int = 1 << 26) -> None:
-    """Fill a block of the caching allocator with NaN and free it, so the next ``torch.empty`` on
-    the GPU returns NaN-filled memory (fla's ``poison_torch_memory`` idea). No-op on the CPU, where
-    tests poison explicit ``out=`` buffers instead."""
+
+class _PoisonedTorch:
+    """``torch`` as the kernel launchers see it, except that ``empty`` returns poisoned memory: NaN
+    for floating dtypes, ``POISON_INT`` for integers. Every allocation is appended to ``allocations``."""
+
+    def __init__(self, real, allocations: list):
+        self._real = real
+        self.allocations = allocations
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def empty(self, *size, **kwargs):
+        t = self._real.empty(*size, **kwargs)
+        t.fill_(float("nan") if t.is_floating_point() else POISON_INT)
+        self.allocations.append((tuple(t.shape), t.dtype))
+        return t
+
+
+def poison_allocator(device: str, monkeypatch: pytest.MonkeyPatch, nbytes: int = 1 << 26) -> list:
+    """Make every output buffer the kernel launchers allocate start as junk, so a kernel that leaves
+    an element unwritten fails the test (fla's ``poison_torch_memory`` idea).
+
+    On every device, ``torch.empty`` as seen from :data:`_LAUNCHER_MODULES` returns NaN-filled floats
+    and ``POISON_INT``-filled integers (undone by ``monkeypatch``). On the GPU, a block of the caching
+    allocator is also filled with NaN and freed, so other allocations (``new_empty``, ``empty_like``)
+    get NaN too. Returns the list of poisoned allocations ``(shape, dtype)``, filled as the launchers
+    run: assert it is not empty, or the poisoning missed the buffers under test."""
+    allocations: list = []
+    for name in _LAUNCHER_MODULES:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "torch", _PoisonedTorch(torch, allocations))
     if device == "cuda":
         block = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
         block.fill_(float("nan"))
         del block
+    return allocations
 
 
 def assert_close_to_reference(out: torch.Tensor, ref32: torch.Tensor, ref_lowp: torch.Tensor, name: str = "") -> None:

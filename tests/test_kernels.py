@@ -58,6 +58,37 @@ SHAPES = SHAPES_GPU if ON_GPU else SHAPES_CPU
 SHAPE_IDS = [case_id(*s[:6], bs=s[6]) for s in SHAPES]
 
 
+@pytest.fixture(autouse=True)
+def triton_calls(monkeypatch) -> list:
+    """Every ``flash_prefill`` call in this file must run the Triton pipeline: one that would go to the
+    PyTorch reference (``backend="auto"`` with inputs the kernels cannot take, or a broken interpreter
+    detection) fails instead of silently comparing the reference with itself. Returns the shapes of
+    ``q`` of the pipeline's calls, for tests to assert on."""
+    import fp_kernels.api
+    import fp_kernels.pipeline
+
+    calls: list = []
+    real_pipeline = fp_kernels.pipeline.flash_prefill_triton
+    real_reason = fp_kernels.api.kernel_backend_reason
+
+    def pipeline_spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real_pipeline(*args, **kwargs)
+
+    def no_silent_reference(q):
+        reason = real_reason(q)
+        if reason is not None:
+            raise AssertionError(
+                f"flash_prefill would run the PyTorch reference instead of the Triton kernels: {reason}"
+            )
+        return None
+
+    # fp_kernels.api._run imports flash_prefill_triton at call time and looks kernel_backend_reason up globally
+    monkeypatch.setattr(fp_kernels.pipeline, "flash_prefill_triton", pipeline_spy)
+    monkeypatch.setattr(fp_kernels.api, "kernel_backend_reason", no_silent_reference)
+    return calls
+
+
 def make_inputs(shape, dtype, device, seed=0, topics=4):
     batch, q_len, k_len, hq, hkv, dim, bs = shape
     q, k, v = structured_qkv(batch, k_len, hq, hkv, dim, block_size=bs, topics=topics, seed=seed, device=device)
@@ -153,13 +184,14 @@ def test_sparse_attention_without_diagonal_and_empty_lists(dtype, device):
 @pytest.mark.parametrize("group_select", [False, True], ids=["per-head", "per-group"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_flash_prefill_matches_reference(shape, dtype, group_select, device):
+def test_flash_prefill_matches_reference(shape, dtype, group_select, device, monkeypatch, triton_calls):
     batch, q_len, k_len, hq, hkv, dim, bs = shape
     q, k, v = make_inputs(shape, dtype, device, seed=4)
     rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1} if bs < 128 else {}
     alpha = 0.3
-    poison_allocator(device)
+    poisoned = poison_allocator(device, monkeypatch)
     out, info = flash_prefill(q, k, v, alpha, bs, **rules, group_select=group_select, return_info=True)
+    assert triton_calls and poisoned, "the Triton pipeline did not run on poisoned buffers"
     assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
     assert_selection_matches(q, k, info, alpha, bs, rules)
     # the attention itself, on the kernel's own lists
@@ -170,7 +202,7 @@ def test_flash_prefill_matches_reference(shape, dtype, group_select, device):
 
 @pytest.mark.parametrize("dtype", DTYPES[:1], ids=DTYPE_IDS[:1])
 @pytest.mark.parametrize("side", ["left", "right", "both"])
-def test_padded_batch_rows_equal_rows_alone(side, dtype, device):
+def test_padded_batch_rows_equal_rows_alone(side, dtype, device, monkeypatch, triton_calls):
     """kv_start/kv_end: every padded row equals the same row run alone; rows before kv_start are 0."""
     batch, length, bs = 3, 300, 32
     q, k, v = make_inputs((batch, length, length, 4, 2, 64, bs), dtype, device, seed=5)
@@ -178,8 +210,9 @@ def test_padded_batch_rows_equal_rows_alone(side, dtype, device):
     start = {"left": length - lengths, "right": torch.zeros_like(lengths), "both": (length - lengths) // 2}[side]
     end = start + lengths if side != "left" else torch.full_like(lengths, length)
     rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1}
-    poison_allocator(device)
+    poisoned = poison_allocator(device, monkeypatch)
     out, info = flash_prefill(q, k, v, 0.3, bs, **rules, kv_start=start, kv_end=end, return_info=True)
+    assert triton_calls and poisoned
     assert not torch.isnan(out).any()
     for b in range(batch):
         lo, hi = int(start[b]), int(end[b])
@@ -193,11 +226,13 @@ def test_padded_batch_rows_equal_rows_alone(side, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:1], ids=DTYPE_IDS[:1])
-def test_fully_padded_row_is_zero(dtype, device):
+def test_fully_padded_row_is_zero(dtype, device, monkeypatch, triton_calls):
     q, k, v = make_inputs((2, 96, 96, 2, 1, 64, 32), dtype, device)
     start = torch.tensor([0, 50], device=device)
     end = torch.tensor([96, 50], device=device)
+    poisoned = poison_allocator(device, monkeypatch)
     out = flash_prefill(q, k, v, 0.3, 32, kv_start=start, kv_end=end)
+    assert triton_calls and (tuple(out.shape), out.dtype) in poisoned
     assert (out[1] == 0).all() and not torch.isnan(out).any()
 
 
@@ -222,27 +257,34 @@ def test_alpha_zero_is_dense_and_alpha_one_is_sparsest(device):
     assert (sparsest.density <= mid.density).all() and (mid.density < 1).all()
 
 
-def test_interpreter_really_runs_the_kernels():
-    """On CPU under TRITON_INTERPRET the Triton path, not the reference, must produce the output."""
-    if ON_GPU:
-        pytest.skip("GPU run: the kernels are compiled")
-    from fp_kernels.api import kernel_backend_reason
+def test_kernel_tests_really_run_the_kernels(device, triton_calls):
+    """The Triton pipeline, not the reference, produces flash_prefill's output in these tests (on the
+    CPU under TRITON_INTERPRET), and the guard of this file turns a silent fallback into a failure."""
+    import fp_kernels.api
 
-    q = torch.zeros(1, 4, 1, 64, dtype=torch.float16)
-    assert kernel_backend_reason(q) is None
-    assert kernel_backend_reason(q.bfloat16()) is not None
+    if not ON_GPU:
+        assert fp_kernels.api.interpreter_enabled(), "conftest.py did not set TRITON_INTERPRET=1"
+    q, k, v = make_inputs((1, 64, 64, 2, 1, 64, 32), DTYPES[0], device)
+    out = flash_prefill(q, k, v, 0.3, 32)
+    assert triton_calls == [tuple(q.shape)] and out.shape == q.shape
+    # inputs the kernels cannot take (bf16 in the interpreter, fp32 on the GPU) would run the reference
+    unsupported = torch.float32 if ON_GPU else torch.bfloat16
+    with pytest.raises(AssertionError, match="reference instead of the Triton kernels"):
+        flash_prefill(q.to(unsupported), k.to(unsupported), v.to(unsupported), 0.3, 32)
+    assert len(triton_calls) == 1
 
 
-def test_select_blocks_writes_every_count(device):
+def test_select_blocks_writes_every_count(device, monkeypatch):
     """Counts are written for every slot, also empty ones (poisoned buffer)."""
     dtype = DTYPES[0]
     q, k, _ = make_inputs((2, 70, 200, 2, 1, 64, 32), dtype, device)
     start = torch.tensor([0, 150], device=device, dtype=torch.int32)
     end = torch.tensor([200, 200], device=device, dtype=torch.int32)
-    poison_allocator(device)
+    poisoned = poison_allocator(device, monkeypatch)
     index, count = select_blocks(q, pool_keys(k, 32, start, end), 200, 0.3, 32, 1, 1, 1, 0, None, start, end)
     n_slots = num_query_slots(70, 200, 32, True)
     geo = slot_geometry(70, 200, 32, start, end, n_slots, 1)
+    assert (tuple(count.shape), torch.int32) in poisoned
     assert ((count >= 0) & (count <= geo["n_vis"][:, None, :])).all()
     assert (count[:, :, geo["n_vis"][0] == 0] == 0).all()
 

@@ -11,7 +11,8 @@ Three searches, all on the model's real forward passes over prompts of plain pro
    keeping its own bracket and reading its own density from the same forward passes.
 3. **Accuracy-constrained** (``accuracy_tolerance``): the largest alpha whose accuracy on an eval
    suite stays within the tolerance (in points) of dense attention, by bisection between a known
-   good alpha and ``alpha_max``, assuming accuracy does not rise with alpha.
+   good alpha and ``alpha_max``, assuming accuracy does not rise with alpha. Its result is one
+   alpha for every layer: it replaces the per-layer alphas of search 2.
 
 The result is a :class:`fp_patch.FlashPrefillConfig` (``config.to_json(path)``,
 ``FlashPrefillConfig.from_json(path)``, ``fp_patch.configure(model, config)``), plus a JSON report
@@ -320,12 +321,17 @@ def calibrate(
 
     ``base`` (a ``FlashPrefillConfig``; default: the per-model defaults) supplies every other knob.
     With ``accuracy_tolerance`` (points), ``accuracy_suite`` (a dataset from
-    :func:`fp_patch.evaluation.build_suite`) is run dense once and then at growing alphas; the global
-    alpha becomes the largest within the tolerance (``layer_alpha`` from the density search is then
-    dropped, since one alpha is what was validated).
+    :func:`fp_patch.evaluation.build_suite`) is run dense once and then at growing alphas, at most
+    ``accuracy_steps`` bisection steps between the density search's alpha and ``alpha_max``; the
+    result is then one global alpha, the largest within the tolerance: per-layer alphas from
+    ``per_layer`` are dropped, since one alpha for every layer is what the suite validated.
+    ``alpha_max`` (in (0, 1]) bounds every search.
     """
     import fp_patch
 
+    _check_search_bounds(alpha_max, accuracy_steps)
+    if per_layer and accuracy_tolerance is not None:
+        logger.warning("calibrate: the accuracy search replaces the per-layer alphas by one alpha for every layer")
     if base is None:
         base = fp_patch.defaults_for(getattr(model.config, "model_type", None))
     original = getattr(model.config, "_attn_implementation", None)
@@ -355,9 +361,8 @@ def calibrate(
             accuracy = _accuracy_search(model, tokenizer, accuracy_suite, config, accuracy_tolerance,
                                         accuracy_steps, alpha_max)
             history["accuracy"] = accuracy.pop("history")
-            if accuracy["alpha"] != config.alpha:
-                config = config.replace(alpha=accuracy["alpha"], layer_alpha={})
-                density, layer_density = meter(config)
+            config = config.replace(alpha=accuracy["alpha"], layer_alpha={})  # what the suite validated
+            density, layer_density = meter(config)
     finally:
         if original is not None:
             model.set_attn_implementation(original)
@@ -366,6 +371,13 @@ def calibrate(
         layer_density=layer_density, density_alpha=alpha, accuracy=accuracy, history=history,
         seconds=time.perf_counter() - started, forward_passes=meter.passes,
     )
+
+
+def _check_search_bounds(alpha_max: float, accuracy_steps: int) -> None:
+    if not ALPHA_MIN < alpha_max <= 1.0:
+        raise ValueError(f"alpha_max must be in ({ALPHA_MIN:g}, 1], got {alpha_max!r}")
+    if isinstance(accuracy_steps, bool) or not isinstance(accuracy_steps, int) or accuracy_steps < 0:
+        raise ValueError(f"accuracy_steps must be an integer >= 0, got {accuracy_steps!r}")
 
 
 def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_max) -> dict:
@@ -411,8 +423,14 @@ def add_arguments(parser) -> None:
                         help="FlashPrefill backend (default: the config's)")
     parser.add_argument("--haystack", default="essays", choices=["essays", "noise"], help="prompt text")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alpha-max", type=float, default=1.0,
+                        help="largest alpha any search tries (default 1.0; alpha 0 is dense, larger is sparser)")
     parser.add_argument("--accuracy-tolerance", type=float, default=None,
-                        help="also find the largest alpha whose eval accuracy is within this many points of dense")
+                        help="also find the largest alpha whose eval accuracy is within this many points of dense; "
+                             "the result is then ONE alpha for every layer (it replaces the --per-layer alphas)")
+    parser.add_argument("--accuracy-steps", type=int, default=4,
+                        help="bisection steps of the --accuracy-tolerance search, each one eval of the suite "
+                             "(after the dense run and the two ends)")
     parser.add_argument("--accuracy-lengths", default="4K", help="eval lengths for --accuracy-tolerance")
     parser.add_argument("--accuracy-tasks", default="niah_single,niah_multivalue",
                         help="eval tasks for --accuracy-tolerance (comma separated)")
@@ -427,6 +445,7 @@ def run(args) -> int:
     from fp_patch.evaluation.cli import load_model
     from fp_patch.evaluation.tasks import build_suite, parse_length
 
+    _check_search_bounds(args.alpha_max, args.accuracy_steps)  # before the model loads
     model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
     base = (FlashPrefillConfig.from_json(args.base_config) if args.base_config
             else defaults_for(getattr(model.config, "model_type", None)))
@@ -443,6 +462,7 @@ def run(args) -> int:
         model, tokenizer, target_density=args.target_density, length=parse_length(args.length),
         prompts=args.prompts, per_layer=args.per_layer, base=base, tol=args.tol, max_steps=args.max_steps,
         seed=args.seed, haystack=args.haystack, accuracy_tolerance=args.accuracy_tolerance, accuracy_suite=suite,
+        accuracy_steps=args.accuracy_steps, alpha_max=args.alpha_max,
     )
     report = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
     result.history["model"] = model_name

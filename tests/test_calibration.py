@@ -136,13 +136,39 @@ def test_calibrate_command_per_layer_and_accuracy(tmp_path):
     code = main(["calibrate", "--model", str(folder), "--length", "256", "--prompts", "1", "--target-density", "0.9",
                  "--base-config", str(base), "--max-steps", "4", "--per-layer", "--accuracy-tolerance", "5",
                  "--accuracy-lengths", "300", "--accuracy-tasks", "niah_single", "--accuracy-depths", "0.5",
-                 "--out", str(out)])
+                 "--alpha-max", "0.3", "--accuracy-steps", "1", "--out", str(out)])
     assert code == 0
     cfg = FlashPrefillConfig.from_json(out)
     assert cfg.block_size == 16 and cfg.backend == "reference"
     report = json.loads((tmp_path / "cal.report.json").read_text())
     assert {"density", "per_layer", "accuracy"} <= set(report["history"])
     assert report["accuracy"]["floor"] == report["accuracy"]["dense_accuracy"] - 5
+    # --alpha-max bounds every search; --accuracy-steps bounds the accuracy bisection (after its two ends)
+    tried = [h["alpha"] for h in report["history"]["density"] + report["history"]["accuracy"]]
+    tried += [a for h in report["history"]["per_layer"] for a in h["alphas"].values()]
+    assert max(tried) <= 0.3 + 1e-12 and report["history"]["accuracy"][0]["alpha"] == pytest.approx(0.3)
+    assert len(report["history"]["accuracy"]) <= 3
+    # the accuracy search validated one alpha for every layer: that is what is saved, per-layer alphas dropped
+    assert cfg.layer_alpha == {} and cfg.alpha == report["accuracy"]["alpha"]
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [
+    ("--alpha-max", "0", "alpha_max must be in"), ("--alpha-max", "1.5", "alpha_max must be in"),
+    ("--accuracy-steps", "-1", "accuracy_steps must be an integer >= 0")])
+def test_calibrate_command_refuses_bad_bounds_before_loading(flag, value, match, monkeypatch):
+    import fp_patch.evaluation.cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=match):
+        main(["calibrate", flag, value])
+
+
+def test_calibrate_help_says_the_accuracy_search_gives_one_alpha(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--alpha-max" in text and "--accuracy-steps" in text
+    assert "ONE alpha for every layer (it replaces the --per-layer alphas)" in text
 
 
 def test_bisect_alpha_warns_only_when_the_target_is_missed(caplog):

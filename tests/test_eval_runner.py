@@ -52,6 +52,54 @@ def test_implementation_spec_parsing():
         Implementation.parse("flashprefill:alpha")
 
 
+def test_options_on_a_dense_implementation_are_refused():
+    """Options configure flashprefill only: ``sdpa:alpha=0.5`` would silently run plain sdpa."""
+    with pytest.raises(ValueError, match="'sdpa' takes no options"):
+        Implementation.parse("sdpa:alpha=0.5")
+    with pytest.raises(ValueError, match="takes no options"):
+        Implementation.parse("eager:config=cal.json,label=x")
+    assert Implementation.parse("sdpa:label=dense") == Implementation("sdpa", (), "dense")
+    assert Implementation.parse("flashprefill:alpha=0.1").spec("reference") == {
+        "name": "flashprefill", "options": {"alpha": 0.1, "backend": "reference"}}
+    assert Implementation.parse("flashprefill:backend=triton").spec("reference")["options"] == {"backend": "triton"}
+    assert Implementation.parse("sdpa").spec("reference") == {"name": "sdpa", "options": {}}
+
+
+def test_records_carry_the_spec_and_a_changed_spec_is_refused(tiny_model, tokenizer, suite, tmp_path, caplog):
+    out = tmp_path / "run"
+    small = suite.select(range(1))
+    records = evaluate(tiny_model, tokenizer, small, ["sdpa", FP], out, progress=False, max_new_tokens=2)
+    by_impl = {r["impl"]: r for r in records}
+    assert by_impl["sdpa"]["impl_spec"] == {"name": "sdpa", "options": {}} and by_impl["sdpa"]["fp_config"] is None
+    fp = by_impl["fp"]
+    assert fp["impl_spec"] == {"name": "flashprefill", "options": {
+        "block_size": 16, "min_sparse_len": 32, "alpha": 0.5, "backend": "reference"}}
+    assert fp["fp_config"] == fp_patch.FlashPrefillConfig(
+        alpha=0.5, block_size=16, min_sparse_len=32, backend="reference").to_dict()
+    # the same label with another alpha: refused before anything runs
+    with pytest.raises(ValueError, match=r"never mixed.*label=\.\.\."):
+        evaluate(tiny_model, tokenizer, small, ["sdpa", FP.replace("alpha=0.5", "alpha=0.3")], out, progress=False)
+    # the same spec whose config file now holds another alpha: also refused (the resolved config differs)
+    cfg = tmp_path / "cal.json"
+    fp_patch.FlashPrefillConfig(alpha=0.2, block_size=16, min_sparse_len=32, backend="reference").to_json(cfg)
+    spec = f"flashprefill:config={cfg},label=cal"
+    evaluate(tiny_model, tokenizer, small, [spec], out, progress=False, max_new_tokens=2)
+    fp_patch.FlashPrefillConfig(alpha=0.4, block_size=16, min_sparse_len=32, backend="reference").to_json(cfg)
+    with pytest.raises(ValueError, match=r"alpha=0.2 \(now 0.4\)"):
+        evaluate(tiny_model, tokenizer, small, [spec], out, progress=False)
+    # records written before specs were kept resume as they are; a field they lack is not a difference
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    for r in lines:
+        if r["impl"] == "sdpa":
+            del r["impl_spec"], r["fp_config"]
+        elif r["impl"] == "fp":
+            del r["fp_config"]["speed_guard"]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with caplog.at_level("WARNING"):
+        again = evaluate(tiny_model, tokenizer, small, ["sdpa", FP], out, progress=False, max_new_tokens=2)
+    assert len(again) == len(lines) and "carry no implementation spec" in caplog.text
+
+
 def test_evaluate_records_density_and_resumes(tiny_model, tokenizer, suite, tmp_path, monkeypatch):
     out = tmp_path / "run"
     records = evaluate(tiny_model, tokenizer, suite, ["sdpa", FP], out, progress=False, max_new_tokens=4)
@@ -127,6 +175,17 @@ def test_eval_command_end_to_end(tiny_model, tokenizer, tmp_path, capsys):
     assert len(read_results(out / "results.jsonl")) == 6
     summary = json.loads((out / "summary.json").read_text())
     assert {row["impl"] for row in summary["summary"]} == {"sdpa", "fp"}
+    assert meta["implementation_specs"]["fp"]["fp_config"]["alpha"] == 0.5
+    assert meta["implementation_specs"]["sdpa"] == {"impl_spec": {"name": "sdpa", "options": {}}, "fp_config": None}
+    # another spec under a label this folder holds is refused before the model loads
+    other = [x.replace("alpha=0.5", "alpha=0.3") for x in args]
+    with pytest.raises(ValueError, match="labelled 'fp'.*never mixed"):
+        main(other)
+    # a resumed run keeps what the earlier invocation was
+    assert main([*args, "--no-plots"]) == 0
+    resumed = json.loads((out / "run.json").read_text())
+    assert [r["date"] for r in resumed["earlier_runs"]] == [meta["date"]]
+    assert resumed["implementation_specs"] == meta["implementation_specs"]
     # a different suite in the same folder is refused; --overwrite starts over
     with pytest.raises(ValueError, match="different suite"):
         main([*args[:6], "400", *args[7:]])

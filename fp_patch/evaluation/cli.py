@@ -1,9 +1,10 @@
 """``flashprefill eval``: the long-context suite, dense vs FlashPrefill, with resume.
 
-Example (the published CPU run is in benchmarks/results/README section "Accuracy")::
+Example (the published CPU run, written to benchmarks/results/eval_smollm2_cpu/; see the README
+section "Accuracy and calibration")::
 
     flashprefill eval --model smollm2 --lengths 1K,2K,4K,8K --depths 0.1,0.5,0.9 \\
-        --impl sdpa --impl flashprefill --impl flashprefill:config=calibrated.json,label=calibrated \\
+        --impl sdpa --impl flashprefill:config=calibrated.json,label=calibrated --impl flashprefill \\
         --out eval-smollm2
 """
 
@@ -13,10 +14,11 @@ import datetime
 import json
 import logging
 import platform
+import shlex
 import sys
 from pathlib import Path
 
-from .runner import RESULTS_FILE, Implementation, evaluate, read_results
+from .runner import RESULTS_FILE, Implementation, check_resumable, evaluate, implementation_record, read_results
 from .tasks import TASKS, build_suite, parse_length
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,10 @@ def build_datasets(tokenizer, settings: dict):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
+def _prepare_out(out: Path, settings: dict, overwrite: bool, specs: dict[str, dict] | None = None) -> None:
+    """Refuse to resume into ``out`` when its ``run.json`` describes another suite, or another
+    implementation under one of this run's labels (``specs``: label -> :meth:`Implementation.spec`).
+    ``--overwrite`` discards the earlier results first."""
     run_file = out / RUN_FILE
     if overwrite and out.exists():
         for name in (RESULTS_FILE, RUN_FILE):
@@ -133,14 +138,35 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
         import shutil
 
         shutil.rmtree(out / DATASET_DIR, ignore_errors=True)
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())["suite"]
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+    if not run_file.exists():
+        return
+    previous = json.loads(run_file.read_text())
+    if previous["suite"] != settings:
+        changed = sorted(k for k in settings if previous["suite"].get(k) != settings[k])
+        raise ValueError(
+            f"{out} holds results of a different suite (differs in: {', '.join(changed)}); "
+            "use another --out, or --overwrite to discard them"
+        )
+    earlier = previous.get("implementation_specs", {})  # absent in run.json files written before specs were kept
+    for label, spec in (specs or {}).items():
+        if label in earlier and earlier[label]["impl_spec"] != spec:
             raise ValueError(
-                f"{out} holds results of a different suite (differs in: {', '.join(changed)}); "
-                "use another --out, or --overwrite to discard them"
+                f"{out} holds results labelled {label!r} from {earlier[label]['impl_spec']}, but --impl now gives "
+                f"{spec} under that label; results of two configurations are never mixed under one label: give "
+                "this one another label=..., use another --out, or --overwrite to discard the old results"
             )
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit when the package runs from a git checkout (an editable install), else None."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def run(args) -> int:
@@ -153,7 +179,8 @@ def run(args) -> int:
     settings = suite_settings(args)
     impls = [Implementation.parse(s) for s in (args.impl or ["sdpa", "flashprefill"])]
     out = Path(args.out)
-    _prepare_out(out, settings, args.overwrite)
+    _prepare_out(out, settings, args.overwrite, {i.label: i.spec(args.backend) for i in impls})
+    previous = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
     if (out / DATASET_DIR).exists():
@@ -161,20 +188,31 @@ def run(args) -> int:
     else:
         dataset = build_datasets(tokenizer, settings)
         dataset.save_to_disk(str(out / DATASET_DIR))
+    described = {i.label: implementation_record(model, i, args.backend) for i in impls}
+    check_resumable(read_results(out / RESULTS_FILE), described)  # before run.json takes the new specs
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["flashprefill", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
         "suite": settings,
         "model": model_name,
         "device": str(args.device),
         "dtype": str(next(model.parameters()).dtype),
         "implementations": [i.label for i in impls],
+        # label -> {"impl_spec", "fp_config"}: kept for labels of earlier runs into this folder too
+        "implementation_specs": {**(previous or {}).get("implementation_specs", {}), **described},
         "backend": args.backend,
         "cases": len(dataset),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "datasets": datasets.__version__, "python": platform.python_version()},
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else None,
+        "git_commit": _git_commit(),
     }
+    if previous is not None:  # a resumed run: what the earlier invocations into this folder were
+        earlier = previous.pop("earlier_runs", [])
+        for key in ("suite", "implementation_specs"):
+            previous.pop(key, None)
+        meta["earlier_runs"] = [*earlier, previous]
     (out / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=not args.no_progress,
              max_new_tokens=args.max_new_tokens)

@@ -54,11 +54,26 @@ class Implementation:
                 label = value
             else:
                 options[key.strip()] = _parse_value(value.strip())
-        return cls(name, tuple(options.items()), label)
+        return cls(name, tuple(options.items()), label or spec)
+
+    def __post_init__(self):
+        if self.options and not self.is_sparse:
+            raise ValueError(
+                f"implementation {self.name!r} takes no options: they configure flashprefill only, got "
+                f"{dict(self.options)}; write {self.name!r} alone (or {self.name}:label=NAME to rename it)"
+            )
 
     @property
     def is_sparse(self) -> bool:
         return self.name == "flashprefill"
+
+    def spec(self, backend: str | None = None) -> dict:
+        """What this implementation is, as stored in the results: ``{"name", "options"}`` (a run-wide
+        ``backend`` is folded into a flashprefill implementation's options unless it sets its own)."""
+        options = dict(self.options)
+        if self.is_sparse and backend is not None:
+            options.setdefault("backend", backend)
+        return {"name": self.name, "options": options}
 
 
 def _parse_value(text: str):
@@ -77,20 +92,70 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resolve_config(model, impl: Implementation, backend: str | None = None):
+    """The :class:`fp_patch.FlashPrefillConfig` that ``impl`` runs ``model`` with (``None`` for a dense
+    implementation): the per-model defaults (or ``config=path.json``) with the spec's options on top."""
+    if not impl.is_sparse:
+        return None
+    from fp_patch.config import FlashPrefillConfig, defaults_for
+
+    options = impl.spec(backend)["options"]
+    path = options.pop("config", None)
+    base = FlashPrefillConfig.from_json(path) if path else defaults_for(getattr(model.config, "model_type", None))
+    return base.replace(**options)
+
+
 def activate(model, impl: Implementation, backend: str | None = None) -> None:
     """Switch ``model`` to ``impl`` in place; FlashPrefill settings start from the per-model defaults
     (or ``config=path.json``), never from what a previous implementation left."""
-    if impl.is_sparse:
+    config = resolve_config(model, impl, backend)
+    if config is not None:
         import fp_patch
-        from fp_patch.config import FlashPrefillConfig, defaults_for
 
-        options = dict(impl.options)
-        if backend is not None:
-            options.setdefault("backend", backend)
-        path = options.pop("config", None)
-        base = FlashPrefillConfig.from_json(path) if path else defaults_for(getattr(model.config, "model_type", None))
-        fp_patch.configure(model, base, **options)
+        fp_patch.configure(model, config)
     model.set_attn_implementation(impl.name)
+
+
+def implementation_record(model, impl: Implementation, backend: str | None = None) -> dict:
+    """``{"impl_spec", "fp_config"}`` as written into every record and ``run.json``: the spec and the
+    resolved config as a plain dict (``None`` for dense implementations)."""
+    config = resolve_config(model, impl, backend)
+    return {"impl_spec": impl.spec(backend), "fp_config": None if config is None else config.to_dict()}
+
+
+def check_resumable(records: Iterable[dict], described: dict[str, dict]) -> None:
+    """Refuse to resume when earlier records under a label came from another implementation.
+
+    ``described`` maps each label to :func:`implementation_record`. A record's ``impl_spec`` must
+    equal the current one, and its ``fp_config`` must agree on every field both have (a field added
+    to ``FlashPrefillConfig`` since the record was written is not a difference). Records written
+    before specs were recorded carry neither and are taken as they are (logged).
+    """
+    legacy: dict[str, int] = {}
+    for r in records:
+        now = described.get(r.get("impl"))
+        if now is None:
+            continue
+        if "impl_spec" not in r:
+            legacy[r["impl"]] = legacy.get(r["impl"], 0) + 1
+            continue
+        problem = None
+        if r["impl_spec"] != now["impl_spec"]:
+            problem = f"spec {r['impl_spec']} (now {now['impl_spec']})"
+        else:
+            old, new = r.get("fp_config") or {}, now["fp_config"] or {}
+            changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+            if changed:
+                problem = "FlashPrefill config " + ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in changed)
+        if problem:
+            raise ValueError(
+                f"results labelled {r['impl']!r} (e.g. case {r.get('id')}) were run with {problem}; "
+                "results of two configurations are never mixed under one label: give this one another "
+                "label=..., write to another output folder, or discard the old results (--overwrite)"
+            )
+    for label, count in legacy.items():
+        logger.warning("%d earlier record(s) labelled %r carry no implementation spec (written before specs "
+                       "were recorded); resuming on the assumption that they used the same one", count, label)
 
 
 @contextlib.contextmanager
@@ -215,6 +280,8 @@ class EvalRun:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         repair_results(self.out_dir / RESULTS_FILE)
+        described = {impl.label: implementation_record(self.model, impl, self.backend) for impl in self.implementations}
+        check_resumable(read_results(self.out_dir / RESULTS_FILE), described)
         todo = self.pending()
         skipped = len(self.implementations) * len(self.dataset) - len(todo)
         if skipped:
@@ -236,6 +303,7 @@ class EvalRun:
                 record = {
                     "impl": impl.label,
                     "attn_implementation": impl.name,
+                    **described[impl.label],
                     **{k: case[k] for k in ("id", "task", "length", "depth", "sample", "answers")},
                     **result,
                     "score": score(result["prediction"], case["answers"], case["metric"]),

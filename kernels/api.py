@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 
 import torch
@@ -52,32 +53,52 @@ def kernel_backend_reason(q: torch.Tensor) -> str | None:
     return f"device {q.device.type!r} has no Triton backend (set TRITON_INTERPRET=1 to run the kernels on CPU)"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def validate_inputs(
     q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
     kv_start, kv_end, *, for_kernel: bool,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming what was expected, what came, and what to do."""
+    """Raise ``TypeError`` (wrong type) or ``ValueError`` (wrong value), naming what was expected,
+    what came, and what to do. Reads no tensor values (no host sync): ``kv_start``/``kv_end`` are
+    checked for shape, dtype and device only; their values are clamped as documented in
+    :func:`flash_prefill`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; convert it with torch.as_tensor")
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must be 4-D [batch, seqlen, heads, head_dim] (FlashAttention layout), got shape "
                 f"{tuple(t.shape)}; for [batch, heads, seqlen, head_dim] tensors pass x.transpose(1, 2)"
             )
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            raise TypeError(
+                f"{name} must be float16, bfloat16 or float32, got {t.dtype}; cast it, e.g. {name}.to(torch.bfloat16)"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with "
+            "k.to(q.device), v.to(q.device)"
+        )
     (batch, q_len, hq, dim), (kb, k_len, hkv, kd) = q.shape, k.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape [batch, Lk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}; "
+            "pass keys and values of the same tokens and heads (a value head dim other than the key's is "
+            "not supported)"
+        )
     if kb != batch:
-        raise ValueError(f"q has batch {batch} but k/v have batch {kb}")
+        raise ValueError(f"q has batch {batch} but k/v have batch {kb}; pass the keys/values of the same batch rows")
     if kd != dim:
-        raise ValueError(f"q has head_dim {dim} but k/v have head_dim {kd}")
+        raise ValueError(f"q has head_dim {dim} but k/v have head_dim {kd}; q, k and v must share one head_dim")
     if hkv == 0 or hq % hkv:
         raise ValueError(
             f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
@@ -92,14 +113,13 @@ def validate_inputs(
             f"head_dim {dim} is not supported by the kernels (supported: {SUPPORTED_HEAD_DIMS}); "
             "use flash_prefill_reference or dense attention for this model"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+    if not _is_real(alpha):
+        raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}; pass float(alpha)")
+    if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] (0 = dense, larger = sparser), got {alpha!r}")
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, int)
-        or block_size < 16
-        or block_size & (block_size - 1)
-    ):
+    if not _is_int(block_size):
+        raise TypeError(f"block_size must be an int (a power of two >= 16, default 128), got {block_size!r}")
+    if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16 (default 128), got {block_size!r}")
     for name, value in (
         ("sink_blocks", sink_blocks),
@@ -107,19 +127,29 @@ def validate_inputs(
         ("last_dense_blocks", last_dense_blocks),
         ("min_budget", min_budget),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int >= 0 (a number of blocks), got {type(value).__name__} {value!r}")
+        if value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
-    ):
-        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    if scale is not None:
+        if not _is_real(scale):
+            raise TypeError(f"scale must be a float or None (1/sqrt(head_dim)), got {type(scale).__name__} {scale!r}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
     for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be an integer tensor of shape ({batch},), got {t!r}")
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be an integer tensor of shape ({batch},) (one key position per batch row), got "
+                f"{t!r}; build it with torch.tensor([...], dtype=torch.int32, device=q.device)"
+            )
+        if t.shape != (batch,):
+            raise ValueError(
+                f"{name} must have shape ({batch},) (one key position per batch row), got {tuple(t.shape)}"
+            )
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with {name}.to(q.device)")
 
 
 BACKENDS = ("auto", "triton", "reference")
@@ -209,16 +239,24 @@ def flash_prefill(
         q: ``[B, Lq, Hq, D]``; k, v: ``[B, Lk, Hkv, D]`` (FlashAttention layout, any strides).
             ``Hq`` must be a multiple of ``Hkv`` (GQA: query head ``h`` reads kv head
             ``h // (Hq // Hkv)``; K/V are never repeated). ``D`` in 64, 80, 96, 128, 256.
-        alpha: keep key block ``j`` of a query block when its score is at least ``alpha`` times the
-            best block's (in probability terms); 0 keeps everything (dense), larger is sparser.
+        alpha: a float in [0, 1]. Keep key block ``j`` of a query block when its score is at least
+            ``alpha`` times the best block's (in probability terms); 0 keeps everything (dense),
+            larger is sparser. The score of block ``j`` is ``logsumexp_r(scale * q_r . mean_key_j)``
+            over the query rows ``r`` of the block that see *all* of block ``j`` (row position >= the
+            block's last key): every row for an earlier block, only the block's last row for the
+            diagonal block (a row never scores a mean that includes its future keys).
         block_size: tokens per query/key block, a power of two >= 16.
         sink_blocks, window_blocks, last_dense_blocks: always computed: the first key blocks, the
             last visible ones (diagonal included), and every block of the final query blocks.
         min_budget: additionally keep the ``min_budget`` best-scoring blocks of each query block.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        kv_start, kv_end: optional ``[B]`` integer tensors, the valid key range ``[start, end)`` of
-            each row (left/right padding). Blocks are laid out from ``kv_start``, so a padded row
-            gets exactly the result it would get alone; query rows before ``kv_start`` are 0.
+        kv_start, kv_end: optional ``[B]`` integer tensors on ``q``'s device, the valid key range
+            ``[start, end)`` of each row (left/right padding; default ``0`` and ``Lk``). Blocks are
+            laid out from ``kv_start``, so a padded row gets exactly the result it would get alone;
+            query rows before ``kv_start`` are 0. The values are not checked (that would need a
+            host sync): they are clamped to ``[0, Lk]``, and a row with ``kv_end <= kv_start``
+            (after clamping) has no valid key, so its output is all zeros and its density 0. The
+            kernels and the reference apply the same rule.
         group_select: share one selection per GQA group (the union of its heads' selections)
             instead of selecting per query head.
         return_info: also return a :class:`FlashPrefillInfo` (density, block lists).

@@ -39,7 +39,9 @@ def normalize_ranges(
     """Clamped ``(kv_start, kv_end)`` as int32 device tensors, ``0 <= start <= end <= k_len``.
 
     Clamping (instead of validating) keeps device tensors free of host syncs; the kernels apply the
-    same clamp, so out-of-range values have one defined meaning everywhere.
+    same clamp, so out-of-range values have one defined meaning everywhere: values below 0 read as
+    0, values above ``k_len`` as ``k_len``, and ``end < start`` as an empty range (the row's output is
+    zeros). This is the documented contract of ``flash_prefill(kv_start=, kv_end=)``.
     """
     start = (
         torch.zeros(batch, dtype=torch.int32, device=device)

@@ -50,10 +50,13 @@ def block_scores_reference(
     kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block scores ``T[b, h, s, j] = logsumexp_r(scale * q_r . mean_key_j)`` over the rows ``r`` of slot ``s``
-    that see all of block ``j`` (row position >= the block's last key).
+    that see all of block ``j`` (row position >= the block's last valid key), not over all the rows
+    of the slot.
 
-    Row-level causality keeps a query from scoring a mean that includes keys in its future: the
-    diagonal block is scored by the slot's last row only, so it does not inflate the row maximum.
+    Row-level causality keeps a query from scoring a mean that includes keys in its future: a block
+    before the diagonal is scored by every row of the slot, the diagonal block by the slot's last
+    row only (for a short last key block, by the rows at or after its last valid key), so it does not
+    inflate the row maximum.
     Returns ``[B, Hq, n_slots, nkb]`` float32 (natural log), ``-inf`` where block ``j`` is not
     causally visible from slot ``s``, no row of the slot sees all of it, or the slot is empty. For
     plots and tests; the kernels never store this table.

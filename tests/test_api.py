@@ -116,6 +116,27 @@ def test_inputs_the_kernels_cannot_take_go_to_the_reference_with_a_note(caplog):
         flash_prefill(q, k, v, backend="triton")
 
 
+def test_triton_older_than_the_floor_is_refused_clearly(monkeypatch):
+    """pyproject asks for triton>=3.6; an older one (e.g. installed with --no-deps) must not crash inside
+    the kernels: the reference runs (auto) or a clear error names the fix (backend="triton")."""
+    import fp_kernels.api as api
+    import triton
+
+    q, k, v = qkv(dtype=kernel_dtypes()[0])
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    api.triton_problem.cache_clear()
+    try:
+        assert "older than 3.6" in api.kernel_backend_reason(q)
+        with pytest.raises(ValueError, match="Triton 3.2.0 is older than 3.6.*pip install -U triton"):
+            flash_prefill(q, k, v, alpha=0.3, block_size=16, backend="triton")
+        torch.testing.assert_close(flash_prefill(q, k, v, alpha=0.3, block_size=16),
+                                   flash_prefill_reference(q, k, v, alpha=0.3, block_size=16))
+    finally:
+        monkeypatch.undo()
+        api.triton_problem.cache_clear()
+    assert api.kernel_backend_reason(q) is None
+
+
 def test_explicit_reference_backend_and_strided_inputs():
     """Transposed (B, H, L, D) memory, as Transformers hands it, gives the same answer as contiguous."""
     q, k, v = qkv(q_len=96, k_len=96, dtype=kernel_dtypes()[0])

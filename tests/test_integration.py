@@ -575,13 +575,16 @@ def count_triton_pipeline(monkeypatch) -> list:
 def syncs_in_our_code(caught) -> list[str]:
     """``file:line`` of the synchronizing-operation warnings (sync debug mode "warn") raised by
     fp_patch / fp_kernels code."""
+    import fp_kernels
+
+    roots = {os.path.dirname(os.path.realpath(p.__file__)) for p in (fp_patch, fp_kernels)}
     ours = []
     for w in caught:
         if "synchroniz" not in str(w.message):
             continue
-        path = w.filename.replace("\\", "/")
-        if "/fp_patch/" in path or "/kernels/" in path or "/fp_kernels/" in path:
-            ours.append(f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{w.lineno}")
+        path = os.path.realpath(w.filename)
+        if any(path.startswith(root + os.sep) for root in roots):
+            ours.append(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{w.lineno}")
     return ours
 
 

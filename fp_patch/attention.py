@@ -283,9 +283,8 @@ def flashprefill_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Transformers attention function for ``attn_implementation="flashprefill"`` (see module docstring)."""
-    from fp_kernels import flash_prefill
-
-    cfg = config_for_module(module, cache=not _compiling())
+    compiling = _compiling()
+    cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     if scaling is None:
         scaling = getattr(module, "scaling", None)
@@ -305,38 +304,45 @@ def flashprefill_attention_forward(
         _fallback(module, route[0], route[1], cfg, q_len, k_len)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
-    k_eff, kv_start, kv_end = route
-    q = query.transpose(1, 2)
-    k = key.transpose(1, 2)[:, :k_eff]
-    v = value.transpose(1, 2)[:, :k_eff]
-    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    k_eff = route[0]
     alpha = cfg.alpha_for(layer_idx)
-    rec = None if _compiling() else active_recorder()
-    want_info = rec is not None and rec.wants_info
-
-    def sparse():
-        return flash_prefill(
-            q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
-            cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select,
-            return_info=want_info, backend=cfg.backend,
-        )
-
-    if cfg.speed_guard and rec is None and not _compiling() and SPEED_GUARD.usable(query):
+    rec = None if compiling else active_recorder()
+    if cfg.speed_guard and rec is None and not compiling and SPEED_GUARD.usable(query):
+        # decided before any tensor work: a layer the guard runs dense costs about what SDPA costs
         plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
         if plan.path == "dense":
             return SPEED_GUARD.run(
                 plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
             )
-        return SPEED_GUARD.run(plan, query.device, sparse), None
-    result = sparse()
+        return SPEED_GUARD.run(plan, query.device, lambda: _sparse(query, key, value, route, cfg, alpha, scaling)), None
+    want_info = rec is not None and rec.wants_info
+    result = _sparse(query, key, value, route, cfg, alpha, scaling, want_info)
     out, info = result if want_info else (result, None)
     if rec is not None:
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
 
         def dense_fn():
             return _sdpa(module, query, key, value, attention_mask, 0.0, scale, kwargs)[0]
 
+        k_eff, kv_start, kv_end = route
         rec.add_sparse(
             module, layer_idx, info, q_len=q_len, k_len=k_eff, out=out, dense_fn=dense_fn,
-            q=q, k=k, scale=scale, kv_start=kv_start, kv_end=kv_end,
+            q=query.transpose(1, 2), k=key.transpose(1, 2)[:, :k_eff], scale=scale, kv_start=kv_start, kv_end=kv_end,
         )
     return out, None
+
+
+def _sparse(query, key, value, route, cfg, alpha: float, scaling, want_info: bool = False):
+    """The FlashPrefill operator on Transformers' ``[B, H, L, D]`` tensors (viewed as ``[B, L, H, D]``)."""
+    from fp_kernels import flash_prefill
+
+    k_eff, kv_start, kv_end = route
+    q = query.transpose(1, 2)
+    k = key.transpose(1, 2)[:, :k_eff]
+    v = value.transpose(1, 2)[:, :k_eff]
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    return flash_prefill(
+        q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
+        cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select,
+        return_info=want_info, backend=cfg.backend,
+    )

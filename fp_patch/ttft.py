@@ -131,12 +131,17 @@ KERNEL_GROUPS = (
 
 
 def profile_prefill(model, inputs: dict) -> dict:
-    """GPU time of one prefill forward, split by kernel group (torch.profiler), in ms."""
+    """GPU time of one prefill forward, split by kernel group (torch.profiler), in ms; beside it the
+    wall time of an unprofiled forward (the gap to ``total`` is the GPU waiting for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
         model(**inputs, logits_to_keep=1)  # warm
         _sync()
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)  # unprofiled: wall time, GPU idle included
+        _sync()
+        wall_ms = (time.perf_counter() - start) * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(**inputs, logits_to_keep=1)
             _sync()
@@ -147,7 +152,9 @@ def profile_prefill(model, inputs: dict) -> dict:
             device_us = getattr(event, "cuda_time_total", 0.0)
         if device_us and not event.key.startswith(("aten::", "cuda")):
             times.append((event.key, device_us / 1e3))
-    return group_kernel_times(times)
+    groups = group_kernel_times(times)
+    groups["forward wall (unprofiled)"] = wall_ms
+    return groups
 
 
 def group_kernel_times(times: list[tuple[str, float]]) -> dict:
@@ -174,12 +181,15 @@ def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     return {"input_ids": torch.randint(0, vocab, (1, length), device=device, generator=gen)}, None
 
 
-def _density(model, inputs) -> float:
+def _density(model, inputs) -> float | None:
+    """Measured block density of one prefill; ``None`` when no call ran sparse (prompt below
+    ``min_sparse_len``)."""
     import fp_patch
 
     with torch.no_grad(), fp_patch.record_density(model) as rec:
         model(**inputs, logits_to_keep=1)
-    return rec.density()
+    density = rec.density()
+    return None if density != density else density
 
 
 def _variants(densities: list[float]):
@@ -191,44 +201,74 @@ def _variants(densities: list[float]):
         yield "flashprefill", f"flashprefill @{d:.0%} fixed", True, d
 
 
-def run_lengths(model, tokenizer, args, log=print) -> list[dict]:
+def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_row=None) -> list[dict]:
+    """One row per (length, variant), appended to ``rows``; ``on_row()`` after each (saves partial results).
+
+    The variants of one length take turns call by call (first calls, then ``repeats`` rounds), so a
+    drift of the GPU clock or of the host over the run touches all of them alike; each keeps its own
+    speed-guard measurements (:meth:`fp_patch.speed.SpeedGuard.swap`).
+    """
     import fp_patch
     from fp_patch import speed
 
-    rows = []
+    rows = [] if rows is None else rows
     defaults = fp_patch.defaults_for(model.config.model_type)
     alpha = args.alpha if args.alpha is not None else defaults.alpha
+    variants = list(_variants(args.densities))
+
+    def use(variant):
+        impl, _, guard, _ = variant
+        model.set_attn_implementation(impl)
+        if impl == "flashprefill":
+            fp_patch.configure(model, alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
+
     for length in args.lengths:
         inputs, number = _inputs(model, tokenizer, length, args.device)
         tokens = int(inputs["input_ids"].shape[1])
+        states = {v[1]: None for v in variants}  # None: fresh guard measurements
+        times: dict[str, list[float]] = {v[1]: [] for v in variants}
+        for _ in range(args.repeats + 1):
+            for variant in variants:
+                use(variant)
+                states[variant[1]] = speed.GUARD.swap(states[variant[1]])
+                try:
+                    with fixed_density(variant[3]):
+                        times[variant[1]].append(ttft(model, inputs, 0)[0])
+                finally:
+                    states[variant[1]] = speed.GUARD.swap(states[variant[1]])
         base = None
-        for impl, label, guard, density in _variants(args.densities):
-            model.set_attn_implementation(impl)
-            speed.reset()
-            if impl == "flashprefill":
-                fp_patch.configure(model, alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
-            with fixed_density(density):
-                first, steady, times = ttft(model, inputs, args.repeats)
-                row = {"model": args.model, "tokens": tokens, "impl": label,
-                       "alpha": alpha if guard is not None else None, "fixed_density": density,
-                       "ttft_first_s": first, "ttft_s": steady, "ttft_all_s": times}
-                if impl == "flashprefill":
-                    row["dense_layer_fraction"] = speed.dense_fraction()
-                    row["density"] = density if density is not None else _density(model, inputs)
-                if args.profile:
-                    row["profile_ms"] = profile_prefill(model, inputs)
+        for variant in variants:
+            impl, label, guard, density = variant
+            first, later = times[label][0], times[label][1:]
+            steady = statistics.median(later) if later else first
+            row = {"model": args.model, "tokens": tokens, "impl": label,
+                   "alpha": alpha if guard is not None else None, "fixed_density": density,
+                   "ttft_first_s": first, "ttft_s": steady, "ttft_all_s": times[label]}
+            use(variant)
+            states[label] = speed.GUARD.swap(states[label])
+            try:
+                with fixed_density(density):
+                    if impl == "flashprefill":
+                        row["dense_layer_fraction"] = speed.dense_fraction()
+                        row["density"] = density if density is not None else _density(model, inputs)
+                    if args.profile:
+                        row["profile_ms"] = profile_prefill(model, inputs)
+                    if number is not None:
+                        with torch.no_grad():
+                            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+                        answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
+                        row["answer"], row["found"] = answer, str(number) in answer
+            finally:
+                states[label] = speed.GUARD.swap(states[label])
             if base is None:
                 base = steady
             row["speedup_vs_sdpa"] = base / steady
-            if number is not None:
-                with torch.no_grad():
-                    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-                answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
-                row["answer"], row["found"] = answer, str(number) in answer
             rows.append(row)
             log(format_row(row))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            if on_row is not None:
+                on_row()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -286,12 +326,24 @@ def markdown(results: dict) -> str:
     ]
     for r in results["rows"]:
         dens = r.get("density")
-        dens = "-" if dens is None else (f"{dens:.1%} (fixed)" if r.get("fixed_density") else f"{dens:.1%}")
+        if dens is None:
+            dens = "-" if r["impl"] == "sdpa" else "all dense (< min_sparse_len)"
+        else:
+            dens = f"{dens:.1%} (fixed)" if r.get("fixed_density") else f"{dens:.1%}"
         guard = r.get("dense_layer_fraction")
         lines.append(
             f"| {r['tokens']} | {r['impl']} | {dens} | {r['ttft_s'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} "
             f"| {r['ttft_first_s'] * 1e3:.1f} | {'-' if guard is None else f'{guard:.0%}'} |"
         )
+    profiled = [r for r in results["rows"] if r.get("profile_ms")]
+    if profiled:
+        columns = list(profiled[0]["profile_ms"])
+        lines += ["", "GPU time of one prefill forward by kernel group, ms (`--profile`):", "",
+                  "| tokens | implementation | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for r in profiled:
+            cells = " | ".join(f"{r['profile_ms'].get(c, 0.0):.1f}" for c in columns)
+            lines.append(f"| {r['tokens']} | {r['impl']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -330,10 +382,15 @@ def run(args: argparse.Namespace) -> int:
         n = model.config.num_hidden_layers
         note = f"{args.model} shape, random weights, {n} layers"
     results = {"environment": environment(), "model": args.model, "model_note": note, "repeats": args.repeats,
-               "rows": run_lengths(model, tokenizer, args)}
+               "rows": []}
+
+    def save():  # after every row: a run cut short keeps what it measured
+        args.out.write_text(json.dumps(results, indent=1))
+
+    run_lengths(model, tokenizer, args, rows=results["rows"], on_row=save)
     if args.ten_lengths:
         results["ten_lengths"] = run_ten_lengths(model, tokenizer, args)
-    args.out.write_text(json.dumps(results, indent=1))
+    save()
     md = markdown(results)
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)

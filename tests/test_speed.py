@@ -216,3 +216,40 @@ def test_guard_off_recording_and_cpu_timer_keep_every_call_sparse(fake_guard, mo
     assert len(calls) == 6 and not math.isnan(rec.density())
     # the real timer only works on CUDA tensors
     assert not speed.CudaTimer.usable(torch.zeros(1))
+
+
+def test_harvest_stops_at_the_first_result_still_running():
+    """Results come back in launch order: a GPU running behind costs one query per call, not one per
+    pending measurement; what is ready after it is read on a later call."""
+    guard = speed.SpeedGuard(FakeTimer(1.0, 2.0))
+    queried = []
+
+    def reader(name, value):
+        def read():
+            queried.append(name)
+            return value
+        return read
+
+    a, b = speed.Estimate(), speed.Estimate()
+    a.in_flight = b.in_flight = 1
+    guard.pending = [(reader("a", None), a, 1.0), (reader("b", 5.0), b, 1.0)]
+    guard._harvest()
+    assert queried == ["a"] and len(guard.pending) == 2 and b.value is None
+    guard.pending[0] = (reader("a", 3.0), a, 1.0)
+    guard._harvest()
+    assert queried == ["a", "a", "b"] and guard.pending == [] and (a.value, b.value) == (3.0, 5.0)
+    assert a.in_flight == b.in_flight == 0
+
+
+def test_swap_keeps_measurement_sets_apart(layers):
+    """A benchmark interleaving configurations swaps whole measurement sets in and out."""
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    run_pass(guard, layers, timer)
+    first = guard.swap()  # a fresh set
+    assert guard.dense == {} and guard.summary() == []
+    run_pass(guard, layers, timer, q_len=8192)
+    second = guard.swap(first)
+    assert {r["q_len_max"] for r in guard.summary()} == {4096}
+    guard.swap(second)
+    assert {r["q_len_max"] for r in guard.summary()} == {8192}

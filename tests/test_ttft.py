@@ -83,3 +83,44 @@ def test_profile_groups_kernels_by_name():
     groups = ttft.group_kernel_times(times)
     assert groups == {"index: pool + select": 3.0, "sparse attention": 10.0, "dense attention (SDPA)": 28.0,
                       "rest of the model": 44.0, "total": 85.0}
+
+def test_every_row_is_saved_as_it_comes_and_profiles_render(tiny):
+    """A GPU run cut short by its time limit keeps the rows measured so far (``on_row`` after each);
+    ``--profile`` columns become a second Markdown table."""
+    args = tiny_args(model="llama8b")
+    rows, seen = [], []
+    ttft.run_lengths(tiny, None, args, log=lambda _: None, rows=rows, on_row=lambda: seen.append(len(rows)))
+    assert seen == [1, 2, 3]
+    rows[1]["profile_ms"] = {"index: pool + select": 1.0, "sparse attention": 2.0, "total": 3.0,
+                             "forward wall (unprofiled)": 4.5}
+    md = ttft.markdown({"environment": {"torch": "t", "triton": "t", "date": "d"}, "model_note": "tiny",
+                        "repeats": 1, "rows": rows})
+    header = "| tokens | implementation | index: pool + select | sparse attention | total | forward wall (unprofiled) |"
+    assert header in md
+    assert "| 256 | flashprefill | 1.0 | 2.0 | 3.0 | 4.5 |" in md
+
+
+def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeypatch):
+    """Calls alternate between the variants (first calls, then each round), so drift over the run
+    touches all alike; each variant sees only its own speed-guard state."""
+    import fp_patch
+    from fp_patch import speed
+
+    seen = []
+
+    def fake_ttft(model, inputs, repeats):
+        cfg = fp_patch.get_config(model)
+        impl = model.config._attn_implementation
+        seen.append(("sdpa" if impl == "sdpa" else f"fp guard={cfg.speed_guard}", id(speed.GUARD.dense)))
+        speed.GUARD.dense[("marker", len(seen))] = None  # a measurement this variant made
+        return 0.01, 0.01, [0.01]
+
+    monkeypatch.setattr(ttft, "ttft", fake_ttft)
+    rows = ttft.run_lengths(tiny, None, tiny_args(model="llama8b", repeats=2), log=lambda _: None)
+    names = [name for name, _ in seen]
+    assert names == ["sdpa", "fp guard=True", "fp guard=False"] * 3
+    states = {}
+    for name, state in seen:
+        states.setdefault(name, set()).add(state)
+    assert all(len(s) == 1 for s in states.values()) and len(set().union(*states.values())) == 3
+    assert [len(r["ttft_all_s"]) for r in rows] == [3, 3, 3]

@@ -214,7 +214,7 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     rows = [] if rows is None else rows
     defaults = fp_patch.defaults_for(model.config.model_type)
     alpha = args.alpha if args.alpha is not None else defaults.alpha
-    variants = list(_variants(args.densities))
+    variants = [v for v in _variants(args.densities) if v[1] == "sdpa" or not args.only or v[1] in args.only]
 
     def use(variant):
         impl, _, guard, _ = variant
@@ -360,6 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
                         help="also time ten prompts of ten lengths near L against ten of length L")
     parser.add_argument("--profile", action="store_true", help="split one prefill's GPU time by kernel group")
+    parser.add_argument("--only", nargs="*", default=[], metavar="LABEL",
+                        help="run only these rows besides sdpa, e.g. 'flashprefill/sparse' 'flashprefill @20%% fixed'")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_ttft.json"), help="JSON results (and .md beside it)")
 

@@ -124,3 +124,9 @@ def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeyp
         states.setdefault(name, set()).add(state)
     assert all(len(s) == 1 for s in states.values()) and len(set().union(*states.values())) == 3
     assert [len(r["ttft_all_s"]) for r in rows] == [3, 3, 3]
+
+
+def test_only_keeps_sdpa_and_the_named_rows(tiny):
+    args = tiny_args(model="llama8b", densities=[0.5], only=["flashprefill @50% fixed"])
+    rows = ttft.run_lengths(tiny, None, args, log=lambda _: None)
+    assert [r["impl"] for r in rows] == ["sdpa", "flashprefill @50% fixed"]

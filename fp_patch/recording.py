@@ -70,7 +70,8 @@ class _SparseCall:
     q_len: int
     k_len: int
     density: torch.Tensor  # [B, Hq] float32, device
-    kept: torch.Tensor  # [B, Hq] blocks computed, device
+    kept: torch.Tensor  # [B, Hq] blocks computed for the prompt's query blocks, device
+    visible: torch.Tensor | None  # [B, Hq] causally visible blocks of those query blocks (None: unknown)
     err_sq: torch.Tensor | None = None  # [B, Hq] sum of squared (sparse - dense), device
     ref_sq: torch.Tensor | None = None  # [B, Hq] sum of squared dense output, device
     info: object | None = None  # FlashPrefillInfo, kept only with block maps
@@ -173,11 +174,14 @@ class DensityRecorder:
         if not self._accepts(module):
             return
         density = info.density.detach()
-        kept = info.block_count.sum(-1)
-        if kept.shape[1] != density.shape[1]:  # group selection: one list per kv head
-            kept = kept.repeat_interleave(density.shape[1] // kept.shape[1], dim=1)
+        kept = getattr(info, "computed_blocks", None)
+        visible = getattr(info, "visible_blocks", None)
+        if kept is None or visible is None:  # an info built without the counts (flash_prefill_reference)
+            kept, visible = info.block_count.sum(-1), None  # every slot, right-padding queries included
+            if kept.shape[1] != density.shape[1]:  # group selection: one list per kv head
+                kept = kept.repeat_interleave(density.shape[1] // kept.shape[1], dim=1)
         layer = -1 if layer_idx is None else int(layer_idx)
-        call = _SparseCall(self._current_run(), layer, int(q_len), int(k_len), density, kept)
+        call = _SparseCall(self._current_run(), layer, int(q_len), int(k_len), density, kept, visible)
         if self.error:
             if out is None or dense_fn is None:
                 if not self._warned_error:
@@ -239,6 +243,9 @@ class DensityRecorder:
 
         density = gather(lambda c: c.density)
         kept = gather(lambda c: c.kept)
+        has_visible = [c.visible is not None for c in calls]
+        zero = torch.zeros(1)
+        visible = gather(lambda c: c.visible if c.visible is not None else zero)
         has_err = [c.err_sq is not None for c in calls]
         err_sq = ref_sq = None
         if any(has_err):
@@ -249,6 +256,8 @@ class DensityRecorder:
         for i, c in enumerate(calls):
             shape = tuple(c.density.shape)
             rec = {"call": c, "density": density[i].reshape(shape), "kept": kept[i].reshape(shape)}
+            if has_visible[i]:
+                rec["visible"] = visible[i].reshape(shape)
             if has_err[i]:
                 rec["err_sq"] = err_sq[i].reshape(shape)
                 rec["ref_sq"] = ref_sq[i].reshape(shape)
@@ -280,10 +289,14 @@ class DensityRecorder:
         for rec in self._host_records():
             c = rec["call"]
             dens, kept = rec["density"], rec["kept"]
-            # visible blocks per (batch row, head): density = kept / visible exactly; kept == 0 iff nothing visible
-            visible = np.where(dens > 0, np.round(kept / np.where(dens > 0, dens, 1.0)), 0.0)
-            vis_sum = visible.sum(0)
-            pooled = np.where(vis_sum > 0, (dens * visible).sum(0) / np.where(vis_sum > 0, vis_sum, 1.0), 0.0)
+            if "visible" in rec:  # exact counts over the prompt's query blocks (fp_kernels.flash_prefill)
+                computed, vis_sum = kept.sum(0), rec["visible"].sum(0)
+                # float32 division of the exact sums: one batch row gives the operator's own density value
+                pooled = np.where(vis_sum > 0, np.float32(computed) / np.float32(np.maximum(vis_sum, 1)), 0.0)
+            else:  # an info without counts: rebuilt from density = kept / visible (exact without right padding)
+                visible = np.where(dens > 0, np.round(kept / np.where(dens > 0, dens, 1.0)), 0.0)
+                computed, vis_sum = (dens * visible).sum(0), visible.sum(0)
+                pooled = np.where(vis_sum > 0, computed / np.where(vis_sum > 0, vis_sum, 1.0), 0.0)
             batch, heads = dens.shape
             if "err_sq" in rec:
                 any_error = True
@@ -299,7 +312,7 @@ class DensityRecorder:
                 rows["kv_tokens"].append(c.k_len)
                 rows["batch"].append(batch)
                 rows["density"].append(float(pooled[h]))
-                rows["blocks"].append(int(kept[:, h].sum()))
+                rows["blocks"].append(int(round(computed[h])))
                 rows["causal_blocks"].append(int(vis_sum[h]))
                 errors.append(float(err[h]))
         frame = pd.DataFrame(rows)

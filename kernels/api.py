@@ -315,7 +315,10 @@ def flash_prefill(
 
 
 def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select):
-    """Build :class:`FlashPrefillInfo` from kernel outputs (device ops only, no host sync)."""
+    """Build :class:`FlashPrefillInfo` from kernel outputs (device ops only, no host sync), with exact
+    ``computed_blocks``/``visible_blocks`` counts over the prompt's query blocks."""
+    from .geometry import block_totals
+
     batch, q_len, hq, _ = q.shape
     k_len = k.shape[1]
     start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
@@ -324,10 +327,13 @@ def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_en
     # entries past the count are scratch in the kernel output; make them -1 as documented
     valid = torch.arange(nkb, device=index.device) < count[..., None]
     index = torch.where(valid, index, torch.full_like(index, -1))
+    computed, visible = block_totals(count, geo, hq)
     return FlashPrefillInfo(
-        density=density_from_counts(count, geo, hq),
+        density=density_from_counts(count, geo, hq),  # = computed / visible
         block_index=index,
         block_count=count,
         block_size=block_size,
         group_select=group_select,
+        computed_blocks=computed,
+        visible_blocks=visible,
     )

@@ -98,10 +98,18 @@ def density_from_counts(block_count: torch.Tensor, geometry: dict, num_q_heads: 
     ``in_prompt`` count. With group selection (``Hsel = Hkv``) each query head of a group reports
     its group's density. A row with nothing visible (fully padded) reports 0.
     """
+    computed, visible = block_totals(block_count, geometry, num_q_heads)
+    return computed.float() / visible.float().clamp(min=1.0)
+
+
+def block_totals(block_count: torch.Tensor, geometry: dict, num_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(computed, visible)``: blocks computed and causally visible blocks per (batch, query head), as
+    ``(B, Hq)`` int64 tensors, counting only the slots ``in_prompt`` (as :func:`density_from_counts`;
+    slots made only of right-padding queries are left out of both). A fully padded row gives ``0, 0``.
+    """
     counted = geometry["in_prompt"]
-    kept = (block_count * counted[:, None, :]).sum(-1).float()
-    total = (geometry["n_vis"] * counted).sum(-1).float().clamp(min=1.0)[:, None]
-    density = kept / total
+    computed = (block_count.long() * counted[:, None, :]).sum(-1)
     if block_count.shape[1] != num_q_heads:
-        density = density.repeat_interleave(num_q_heads // block_count.shape[1], dim=1)
-    return density
+        computed = computed.repeat_interleave(num_q_heads // block_count.shape[1], dim=1)
+    visible = (geometry["n_vis"] * counted).sum(-1)[:, None].expand(-1, num_q_heads).contiguous()
+    return computed, visible

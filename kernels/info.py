@@ -20,6 +20,13 @@ class FlashPrefillInfo:
         block_count: ``[B, Hsel, S]`` int32, number of valid entries in each ``block_index`` row.
         block_size: tokens per block.
         group_select: whether each GQA group shared one selection.
+        computed_blocks: ``[B, Hq]`` int64, key blocks computed for the query blocks of the prompt
+            (``density = computed_blocks / visible_blocks``; slots made only of right-padding queries,
+            which ``block_count`` also lists, are not counted).
+        visible_blocks: ``[B, Hq]`` int64, causally visible key blocks of those query blocks (what a
+            dense causal prefill computes; 0 for a fully padded row).
+            Both are set by ``flash_prefill(..., return_info=True)``; ``None`` where an info is built
+            without them (``flash_prefill_reference``).
     """
 
     density: torch.Tensor
@@ -27,6 +34,8 @@ class FlashPrefillInfo:
     block_count: torch.Tensor
     block_size: int
     group_select: bool
+    computed_blocks: torch.Tensor | None = None
+    visible_blocks: torch.Tensor | None = None
 
     def block_mask(self, batch: int = 0, head: int = 0) -> torch.Tensor:
         """Dense ``[S, nkb]`` bool map of the blocks computed for one (batch, query head)."""

@@ -208,10 +208,36 @@ def test_group_select_and_padded_batch_pooling():
     assert frame["causal_blocks"].tolist() == visible.sum(0).tolist()
     assert frame["blocks"].tolist() == kept.sum(0).tolist()
     expected = (info.density.double() * visible).sum(0) / visible.sum(0)
-    assert frame["density"].tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    assert frame["density"].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+    assert frame["density"].tolist() == pytest.approx((frame["blocks"] / frame["causal_blocks"]).tolist(), abs=1e-7)
     assert frame["batch"].eq(2).all()
     # group selection: both heads of a kv group report the group's density
     assert frame["density"][0] == frame["density"][1] and frame["density"][2] == frame["density"][3]
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per-head", "per-group"])
+def test_right_padded_batch_counts_only_prompt_blocks(group_select):
+    """Right padding: the slots of the padding queries are computed (and listed in block_count) but are
+    not part of the prompt; blocks, causal_blocks and density count the prompt's query blocks only."""
+    rec = DensityRecorder(None)
+    q, k, v = structured_qkv(batch=2)
+    kv_end = torch.tensor([512, 300])
+    _, info = sparse_call(rec, 0, q, k, v, kv_end=kv_end, group_select=group_select)
+    frame = rec.to_frame()
+    prompt_blocks = [16, 10]  # ceil(kv_end / 32): query blocks 0..n-1 see key blocks 0..i
+    visible = [n * (n + 1) // 2 for n in prompt_blocks]  # 136 + 55
+    counts = info.block_count.long()
+    if group_select:
+        counts = counts.repeat_interleave(2, dim=1)
+    computed = torch.stack([counts[b, :, :n].sum(-1) for b, n in enumerate(prompt_blocks)])  # [B, Hq]
+    assert counts[1, :, 10:].sum() > 0, "padding query slots are computed: the case this test is about"
+    assert info.visible_blocks.tolist() == [[visible[0]] * 4, [visible[1]] * 4]
+    assert torch.equal(info.computed_blocks, computed)
+    assert torch.equal(info.density, computed.float() / torch.tensor(visible, dtype=torch.float32)[:, None])
+    assert frame["causal_blocks"].tolist() == [sum(visible)] * 4
+    assert frame["blocks"].tolist() == computed.sum(0).tolist()
+    assert frame["density"].tolist() == pytest.approx((computed.sum(0) / sum(visible)).tolist(), abs=1e-7)
+    assert rec.density() == pytest.approx(computed.sum().item() / (4 * sum(visible)), abs=1e-12)
 
 
 def test_error_mode_measures_relative_l2():

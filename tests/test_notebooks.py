@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_integration_real import unavailable
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # short enough for a 2-core CPU; 64-token blocks keep the prompts multi-block (and so sparse)
@@ -59,7 +60,7 @@ def test_notebook_runs(name, tmp_path):
     try:
         smollm2_path()  # convert the embedded model once, outside the kernel's cell timeout
     except FileNotFoundError as err:
-        pytest.skip(str(err))
+        unavailable(str(err))  # a failure under FLASHPREFILL_REQUIRE_REAL=1
     nb = with_parameters(nbformat.read(NOTEBOOKS / name, as_version=4), CI_PARAMETERS[name])
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     try:

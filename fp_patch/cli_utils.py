@@ -3,6 +3,7 @@ time-to-first-token, and writing a recording's tables and plots to a folder."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import time
 from pathlib import Path
@@ -12,6 +13,18 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a progress bar appears only once a step takes longer than this (fast GPU runs stay quiet)
 PROGRESS_DELAY_S = 2.0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help only where it adds something: not when the help
+    already states the default, the default is ``None`` (the help says what happens), or the option
+    is a flag (``store_true``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or isinstance(action, argparse._StoreTrueAction):
+            return text
+        return super()._get_help_string(action)
 
 
 def add_device_arguments(parser) -> None:

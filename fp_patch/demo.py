@@ -98,9 +98,9 @@ class Answer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fp_patch.cli_utils import add_device_arguments
+    from fp_patch.cli_utils import HelpFormatter, add_device_arguments
 
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0].split("``: ", 1)[-1]
     parser.epilog = (
         "exit status: 0 = the flashprefill answer contains the hidden number; 1 = it does not; "
@@ -113,14 +113,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="FlashPrefill threshold in [0, 1] (default: the per-model default, 0.18 for Llama)",
     )
-    parser.add_argument("--block-size", type=int, default=None, help="tokens per block (default 128)")
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="tokens per block, a power of two >= 16 (default: 128)"
+    )
     add_device_arguments(parser)
     parser.add_argument("--depth", type=float, default=0.5, help="where the fact hides, 0 = start, 1 = end")
     parser.add_argument("--number", type=int, default=None, help="the hidden number (default: from --seed)")
     parser.add_argument("--seed", type=int, default=0, help="picks the hidden number")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
     parser.add_argument(
-        "--map-layer", type=int, default=None, help="layer whose block map is saved (default: the middle layer)"
+        "--map-layer",
+        type=int,
+        default=None,
+        help="layer whose block map is saved, 0 .. 29 for SmolLM2 (default: the middle layer)",
     )
     parser.add_argument("--out", type=Path, default=Path("flashprefill-demo"), help="folder for PNG/CSV/JSON")
 
@@ -131,6 +136,7 @@ def _one_line(text: str) -> str:
 
 def run(args) -> int:
     import torch
+    from transformers import AutoConfig
 
     import fp_patch
     import fp_patch.speed
@@ -142,24 +148,32 @@ def run(args) -> int:
         save_recording,
         timed_generate,
     )
-    from fp_patch.models import load_smollm2
+    from fp_patch.models import load_smollm2, smollm2_path
 
     if args.length < 256:
         print(f"error: --length must be >= 256, got {args.length}", file=sys.stderr)
         return 2
-    try:
+    try:  # every flag is checked before a model is loaded or run
+        for flag, name, value in (("--alpha", "alpha", args.alpha), ("--block-size", "block_size", args.block_size)):
+            try:
+                fp_patch.FlashPrefillConfig(**({} if value is None else {name: value}))
+            except ValueError as err:
+                raise ValueError(f"{flag}: {err}") from None
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
+        config = AutoConfig.from_pretrained(smollm2_path())
+        n_layers = config.num_hidden_layers
+        if args.map_layer is not None and not 0 <= args.map_layer < n_layers:
+            raise ValueError(f"--map-layer must be a layer of the model, 0 .. {n_layers - 1}, got {args.map_layer}")
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos and args.length + args.max_new_tokens > max_pos:
+            raise ValueError(
+                f"--length {args.length} + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                f"{max_pos}-token context"
+            )
         model, tokenizer = load_smollm2("sdpa", device=str(device), dtype=dtype)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and args.length + args.max_new_tokens > max_pos:
-        print(
-            f"error: --length {args.length} + --max-new-tokens exceeds the model's {max_pos}-token context",
-            file=sys.stderr,
-        )
         return 2
     number = args.number if args.number is not None else random.Random(args.seed).randint(1000, 9999)
     try:
@@ -168,7 +182,6 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     inputs = {k: v.to(device) for k, v in prompt["inputs"].items()}
-    n_layers = model.config.num_hidden_layers
     print(
         f"FlashPrefill demo: SmolLM2-135M-Instruct on {device} ({str(dtype).replace('torch.', '')}), "
         f"{prompt['tokens']}-token prompt of {prompt['source']}"

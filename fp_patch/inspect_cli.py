@@ -23,9 +23,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fp_patch.cli_utils import add_device_arguments
+    from fp_patch.cli_utils import HelpFormatter, add_device_arguments
 
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.add_argument("model", type=Path, help="local Hugging Face model folder (config.json + weights)")
     parser.add_argument("prompt", type=Path, help="UTF-8 text file with the prompt")
     parser.add_argument("--out", type=Path, default=Path("flashprefill-inspect"), help="folder for CSV and PNG")

@@ -45,6 +45,48 @@ def test_demo_rejects_bad_length(capsys):
     assert "--length" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags", [["--alpha", "1.5"], ["--alpha", "-0.1"], ["--block-size", "100"], ["--block-size", "8"]], ids=" ".join
+)
+def test_demo_rejects_bad_settings_before_loading(flags, capsys, monkeypatch):
+    import fp_patch.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(fp_patch.models, "load_smollm2", no_loading)
+    monkeypatch.setattr(fp_patch.models, "smollm2_path", no_loading)
+    assert cli.main(["demo", *flags, "--device", "cpu"]) == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layer", ["30", "-1"])
+def test_demo_rejects_map_layer_out_of_range(smollm2_tokenizer, layer, capsys, monkeypatch):
+    import fp_patch.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --map-layer was checked")
+
+    monkeypatch.setattr(fp_patch.models, "load_smollm2", no_loading)
+    assert cli.main(["demo", "--map-layer", layer, "--device", "cpu"]) == 2
+    assert "--map-layer must be a layer of the model, 0 .. 29" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect"])
+def test_help_states_each_default_once(command):
+    import argparse
+
+    from fp_patch import demo, inspect_cli
+
+    parser = argparse.ArgumentParser()
+    {"demo": demo, "inspect": inspect_cli}[command].add_arguments(parser)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = (formatter._get_help_string(action) or "").replace("%(default)s", str(action.default))
+        assert text.count("(default") <= 1, f"{action.option_strings}: {text!r}"
+        assert "(default: None)" not in text and "(default: False)" not in text, f"{action.option_strings}: {text!r}"
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     from transformers import AutoTokenizer

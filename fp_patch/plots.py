@@ -17,6 +17,7 @@ DENSITY_CMAP = "viridis"
 SCORE_CMAP = "magma"
 # block scores below this (log10 of the mass relative to the best block of the row) share one color
 SCORE_FLOOR = -6.0
+ALWAYS_KEPT = "always computed (sinks, local window, last query blocks)"
 
 
 def _figure(width: float, height: float):
@@ -196,6 +197,18 @@ def _outline(ax, mask: np.ndarray, color: str) -> None:
     ax.add_collection(LineCollection(segments, colors=color, linewidths=0.9))
 
 
+def _hatch(ax, mask: np.ndarray, color) -> None:
+    """Hatch the True cells of ``mask`` (cell (r, c) spans c +- 0.5, r +- 0.5), leaving their colors visible."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    rows, cols = np.nonzero(mask)
+    cells = [Rectangle((c - 0.5, r - 0.5), 1, 1) for r, c in zip(rows, cols, strict=True)]
+    ax.add_collection(
+        PatchCollection(cells, facecolor="none", edgecolor=color, hatch="////", linewidth=0, label=ALWAYS_KEPT)
+    )
+
+
 def plot_block_map(
     rec, layer: int, head: int, *, run: int | None = None, batch: int = 0, path=None, title: str | None = None
 ):
@@ -204,10 +217,14 @@ def plot_block_map(
     Left: the block scores as ``log10`` of each key block's pooled softmax mass relative to the best
     block of its query-block row (what the alpha threshold compares; vertical lines are tokens all
     queries attend to, diagonals are relative positions, the lower-left corner is the sinks), with
-    the selection outlined. Right: what was computed (score colors) and skipped (grey). Needs
+    the selection outlined. Right: what was computed (score colors) and skipped (grey). On both, the
+    blocks computed by rule whatever their score (sinks, local window, last query blocks) are
+    hatched: the diagonal block is scored from the block's last query row only (a row never scores
+    keys in its future), so it often looks weak although it is always computed. Needs
     ``record_density(model, block_maps=True)``; without recorded ``q``/``k`` only the map is drawn.
     """
     mask = rec.block_mask(layer, head, run=run, batch=batch).numpy()
+    forced = rec.always_kept(layer, run=run, batch=batch).numpy() if hasattr(rec, "always_kept") else None
     scores = rec.block_scores(layer, head, run=run, batch=batch)
     run_id, tokens, block_size, density = rec.map_info(layer, run=run)
     n_slots, nkb = mask.shape
@@ -221,8 +238,11 @@ def plot_block_map(
         fig = _figure(side + 0.6, side)
         ax = fig.add_subplot()
         ax.imshow(mask, cmap=_cmap("Blues", bad="white"), vmin=0, vmax=1.4, interpolation="nearest")
+        if forced is not None:
+            _hatch(ax, forced, "#ff9f1c")
         _block_axes(ax, n_slots, nkb)
-        ax.set_title(title + "\n(computed blocks; no block scores recorded)", fontsize=10)
+        note = "\nhatched: always computed (sinks, window, last)" if forced is not None else ""
+        ax.set_title(title + f"\n(computed blocks; no block scores recorded){note}", fontsize=9)
         _save(fig, path)
         return fig
     s = scores.float().numpy()
@@ -254,9 +274,13 @@ def plot_block_map(
     )
     right.set_title("computed (color) and skipped (grey) blocks", fontsize=9)
     for ax in (left, right):
+        if forced is not None:
+            _hatch(ax, forced & visible, (1.0, 1.0, 1.0, 0.7))
         _block_axes(ax, n_slots, nkb)
     cbar = fig.colorbar(image, ax=[left, right], shrink=0.8, pad=0.02)
     cbar.set_label("log10 block mass / best block of the row")
+    if forced is not None:
+        title += f"\nhatched: {ALWAYS_KEPT}; the diagonal's score uses its last row only"
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
     return fig

@@ -76,6 +76,8 @@ class _SparseCall:
     ref_sq: torch.Tensor | None = None  # [B, Hq] sum of squared dense output, device
     info: object | None = None  # FlashPrefillInfo, kept only with block maps
     score_inputs: tuple | None = None  # (q, k, scale, kv_start, kv_end) device copies
+    rules: tuple | None = None  # (sink_blocks, window_blocks, last_dense_blocks), with block maps
+    ranges: tuple | None = None  # (kv_start, kv_end) device copies or None, with block maps
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,13 @@ class DensityRecorder:
         scale=None,
         kv_start=None,
         kv_end=None,
+        rules=None,
     ) -> None:
-        """Record one sparse call (device tensors only; no host sync)."""
+        """Record one sparse call (device tensors only; no host sync).
+
+        ``rules``: ``(sink_blocks, window_blocks, last_dense_blocks)`` of the call, used to mark the
+        always-computed blocks on block maps; default: the module's FlashPrefill settings, or the
+        operator's defaults when ``module`` is ``None``."""
         if not self._accepts(module):
             return
         density = info.density.detach()
@@ -195,6 +202,13 @@ class DensityRecorder:
                     call.ref_sq = dense.square().sum(dim=(1, 3))
         if self.wants_block_maps(layer):
             call.info = info
+            if rules is None:
+                from .config import FlashPrefillConfig, config_for_module
+
+                cfg = FlashPrefillConfig() if module is None else config_for_module(module)
+                rules = (cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks)
+            call.rules = tuple(int(r) for r in rules)
+            call.ranges = tuple(None if t is None else t.detach().clone() for t in (kv_start, kv_end))
             if q is not None and k is not None:
                 # copies: a static cache may later overwrite k in place; clone() is an async device op
                 call.score_inputs = (
@@ -478,6 +492,26 @@ class DensityRecorder:
         if not 0 <= head < heads:
             raise ValueError(f"head must be in [0, {heads}), got {head}")
         return call.info.block_mask(batch, head).cpu()
+
+    def always_kept(self, layer: int, *, run: int | None = None, batch: int = 0) -> torch.Tensor:
+        """Blocks computed by rule whatever their score: ``[S, nkb]`` bool on the CPU, like :meth:`block_mask`.
+
+        The first ``sink_blocks`` key blocks, the last ``window_blocks`` visible ones (the diagonal
+        included), every visible block of the last ``last_dense_blocks`` query blocks, and every block
+        of a query block that sees no more than ``sink_blocks + window_blocks`` blocks.
+        """
+        from fp_kernels.geometry import normalize_ranges, slot_geometry
+
+        _, call = self._map_call(layer, run)
+        sink, window, last_dense = call.rules or (2, 4, 2)
+        kv_start, kv_end = call.ranges or (None, None)
+        n_slots, nkb = call.info.block_index.shape[-2:]
+        start, end = normalize_ranges(call.density.shape[0], call.k_len, kv_start, kv_end, "cpu")
+        geo = slot_geometry(call.q_len, call.k_len, call.info.block_size, start, end, n_slots, last_dense)
+        n_vis = geo["n_vis"][batch][:, None]
+        forced_slot = geo["dense"][batch][:, None] | (n_vis <= sink + window)
+        j = torch.arange(nkb)[None, :]
+        return (j < n_vis) & (forced_slot | (j < sink) | (j >= n_vis - window))
 
     def block_scores(self, layer: int, head: int, *, run: int | None = None, batch: int = 0):
         """Block-score table behind the map: ``[S, nkb]`` float32 natural-log scores (``-inf`` where

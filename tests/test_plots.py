@@ -85,6 +85,38 @@ def test_block_map_with_scores(rec, tmp_path):
     assert left.images[0].get_array().shape == (16, 16)
 
 
+def test_block_map_hatches_the_always_computed_blocks(rec):
+    fig = rec.plot("block_map", layer=1, head=2)
+    forced = rec.always_kept(1)
+    assert forced.sum() > 0 and (forced & ~rec.block_mask(1, 2)).sum() == 0, "always computed means computed"
+    for ax in fig.axes[:2]:
+        hatched = [c for c in ax.collections if c.get_label() == plots.ALWAYS_KEPT]
+        assert len(hatched) == 1 and hatched[0].get_hatch() == "////"
+        assert len(hatched[0].get_paths()) == int(forced.sum())
+    assert "hatched: always computed" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("rules", [(2, 4, 2), (1, 2, 1), (0, 1, 0)], ids=str)
+def test_always_kept_follows_the_rules(rules):
+    """Every block the rules force is selected, and at alpha 1 (keep only the best-scoring block) the
+    selection is the forced blocks plus at most the best one per query block."""
+    sink, window, last = rules
+    q, k, v = qkv(512)
+    rec = DensityRecorder(None, block_maps=True)
+    _, info = flash_prefill(q, k, v, alpha=1.0, block_size=32, sink_blocks=sink, window_blocks=window,
+                            last_dense_blocks=last, return_info=True, backend="reference")
+    rec.add_sparse(None, 0, info, q_len=512, k_len=512, rules=rules)
+    forced = rec.always_kept(0)
+    for head in range(4):
+        mask = rec.block_mask(0, head)
+        assert (forced & ~mask).sum() == 0
+        assert ((mask & ~forced).sum(-1) <= 1).all()
+    assert forced[:, :sink].sum() == sum(min(s + 1, sink) for s in range(16)), "sinks"
+    assert forced.diagonal().all(), "the diagonal is in the window"
+    if last:
+        assert forced[-last:].sum() == sum(16 - i for i in range(last)), "last query blocks dense"
+
+
 def test_block_map_without_scores(tmp_path):
     rec = DensityRecorder(None, block_maps=True)
     record(rec, 256, scores=False)

@@ -89,6 +89,7 @@ def test_recorded_density_equals_operator_info(operator_calls):
     for head in range(4):
         assert torch.equal(rec.block_mask(2, head), info.block_mask(0, head))
         assert torch.equal(rec.block_scores(2, head), scores[0, head])
+        assert not (rec.always_kept(2) & ~rec.block_mask(2, head)).any(), "rule-forced blocks are computed"
 
 
 @pytest.mark.parametrize("options", [{}, {"block_maps": True}, {"block_maps": True, "error": True}], ids=str)

@@ -126,6 +126,7 @@ class DensityRecorder:
         self._host = None  # cached host copy of the sparse records
         self._scores_cache: dict[int, torch.Tensor] = {}
         self._warned_error = False
+        self._compiled_run = False  # a forward of the model was traced by torch.compile
 
     # ------------------------------------------------------------------ recording (forward side)
 
@@ -151,7 +152,26 @@ class DensityRecorder:
     def _forward_pre_hook(self, _module, _args):
         if self._depth == 0:
             self.new_run()
+            if torch.compiler.is_compiling():  # a constant at trace time; the assignment replays per call
+                self._compiled_run = True
         self._depth += 1
+
+    def _warn_if_compiled(self, model) -> None:
+        """At the end of recording: say once when forward passes ran where the attention function does
+        not record (torch.compile), instead of leaving an empty or partial recording unexplained."""
+        if self._runs == 0:
+            return
+        from .registration import uses_flashprefill
+
+        silent = not self._sparse and not self._fallbacks and uses_flashprefill(model)
+        if self._compiled_run or silent:
+            logger.warning(
+                "record_density: %s ran under torch.compile, where FlashPrefill records nothing (recording "
+                "inside the graph would break it), so this recording is %s. Record an eager pass: the "
+                "uncompiled model, or the call inside torch.compiler.disable()",
+                "the model's forward passes" if silent else "some forward passes of the model",
+                "empty" if silent else "incomplete",
+            )
 
     def _forward_hook(self, _module, _args, _output):
         self._depth = max(0, self._depth - 1)
@@ -605,3 +625,5 @@ def record_density(model, *, block_maps: bool | Iterable[int] = False, error: bo
         _ACTIVE.remove(rec)
         for handle in handles:
             handle.remove()
+        if model is not None:
+            rec._warn_if_compiled(model)

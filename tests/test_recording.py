@@ -331,3 +331,33 @@ def test_nested_recorders_both_receive_calls():
         active_recorder().add_fallback(None, 1, "dense_layer", q_len=512, k_len=512)
     assert len(outer.to_frame()) == len(inner.to_frame()) == 4
     assert len(outer.fallback_frame()) == len(inner.fallback_frame()) == 1
+
+
+@pytest.mark.parametrize("where", ["model", "forward"])
+def test_compiled_forward_warns_that_nothing_was_recorded(where, caplog):
+    """Under torch.compile the attention function records nothing: the recorder says so once, at exit,
+    whether the hooks were traced (torch.compile(model)) or ran eagerly around a compiled forward."""
+    import logging
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    if where == "model":
+        run = torch.compile(model, backend="eager")
+    else:
+        model.forward = torch.compile(model.forward, backend="eager")
+        run = model
+    with caplog.at_level(logging.WARNING, logger="fp_patch.recording"):
+        with torch.no_grad(), record_density(model) as rec:
+            run(ids(100))
+            run(ids(100))
+    messages = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(messages) == 1 and "recording is empty" in messages[0]
+    assert len(rec.to_frame()) == 0
+    caplog.clear()
+    eager = tiny_model()
+    with caplog.at_level(logging.WARNING, logger="fp_patch.recording"):  # eager: recorded, no warning
+        with torch.no_grad(), record_density(eager) as rec:
+            eager(ids(100))
+    assert len(rec.to_frame()) and not [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    torch._dynamo.reset()
+

@@ -18,9 +18,12 @@ How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, whi
   whatever the content; the sparse cost per layer and alpha, since density differs by layer.
 * Per eligible call: with no dense estimate for the class, the first layer that meets it runs dense
   (measured); a layer with no sparse estimate runs sparse (measured); then each layer runs the
-  cheaper one, and every :data:`RECHECK`-th call of a layer (staggered across layers) measures the
-  other path again, so a change of prompt or density is noticed. The first forward pass of a new
-  length class is therefore sparse in every layer but one.
+  cheaper one. Every :data:`RECHECK`-th call of a layer (staggered across layers) times the path it
+  runs (two events, so a rising density is noticed) and, half a period later, runs and times the
+  other path (so a falling one is noticed too); where one path costs over :data:`CLEAR_MARGIN` times
+  the other, the other path is tried only every ``RECHECK * CLEAR_RECHECK``-th call, since each try
+  costs the whole difference. The first forward pass of a new length class is sparse in every layer
+  but one.
 
 :func:`summary` lists the decisions; :func:`reset` forgets every estimate.
 """
@@ -37,6 +40,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 RECHECK = 32  # every RECHECK-th call of a layer and length class measures the path it is not using
+CLEAR_MARGIN = 1.5  # ... unless one path costs this many times the other: then every RECHECK * CLEAR_RECHECK-th
+CLEAR_RECHECK = 8
 OUTLIER = 3.0  # a time this far from the estimate is kept apart once (one noisy or cold call)
 HOST_STALL_MS = 2.0  # a call whose host side took longer is not used unless its GPU time dwarfs that
 MEASURED_CALLS = 3  # each estimate is measured on this many calls before it is trusted without timing
@@ -187,10 +192,15 @@ class SpeedGuard:
             return Plan("sparse", sparse, units)
         best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
         self._note_choice(state, best, sparse.value * units, dense.value * units)
-        if (state.calls + (layer_idx or 0)) % RECHECK == 0:
+        turn = state.calls + (layer_idx or 0)  # staggered: layers recheck in different passes
+        # running the other path costs its whole difference: rarely where the choice is clear
+        margin = max(sparse.value, dense.value) / max(min(sparse.value, dense.value), 1e-12)
+        if turn % (RECHECK if margin < CLEAR_MARGIN else RECHECK * CLEAR_RECHECK) == 0:
             return Plan(other, dense if other == "dense" else sparse, units)
         chosen = dense if best == "dense" else sparse
-        return Plan(best, chosen if chosen.count < MEASURED_CALLS else None, units)
+        # timing the path that runs anyway costs two events: keep it fresh (e.g. density rising)
+        fresh = chosen.count < MEASURED_CALLS or turn % RECHECK == RECHECK // 2
+        return Plan(best, chosen if fresh else None, units)
 
     def _lookup(self, module, layer_idx, query: torch.Tensor, k_len: int, alpha: float, masked: bool):
         batch, heads, q_len, dim = query.shape

@@ -79,7 +79,7 @@ def test_first_pass_measures_then_the_faster_path_runs(layers, faster):
 
 
 def test_recheck_measures_the_other_path_and_notices_a_change(layers):
-    timer = FakeTimer(sparse=3.0, dense=2.0)
+    timer = FakeTimer(sparse=2.5, dense=2.0)  # close: within CLEAR_MARGIN
     guard = speed.SpeedGuard(timer)
     for _ in range(3):
         run_pass(guard, layers, timer)
@@ -253,3 +253,28 @@ def test_swap_keeps_measurement_sets_apart(layers):
     assert {r["q_len_max"] for r in guard.summary()} == {4096}
     guard.swap(second)
     assert {r["q_len_max"] for r in guard.summary()} == {8192}
+
+
+def test_a_clear_loser_is_retried_rarely_and_the_running_path_stays_timed(layers):
+    """Sparse 3x dense: running it to recheck costs the whole difference, so it is retried only every
+    RECHECK * CLEAR_RECHECK calls; the path that runs is still timed every RECHECK calls (two events),
+    so a change in its own cost is noticed."""
+    timer = FakeTimer(sparse=6.0, dense=2.0)
+    guard = speed.SpeedGuard(timer)
+    for _ in range(3):
+        run_pass(guard, layers, timer)
+    timer.runs.clear(), timer.measured.clear()
+    for _ in range(speed.RECHECK * speed.CLEAR_RECHECK):
+        run_pass(guard, layers, timer)
+    assert timer.runs.count("sparse") == len(layers)  # one retry per layer in the long period
+    assert timer.measured.count("dense") >= speed.CLEAR_RECHECK * len(layers) - len(layers)
+
+    timer = FakeTimer(sparse=1.0, dense=4.0)  # sparse clearly faster ...
+    guard = speed.SpeedGuard(timer)
+    for _ in range(3):
+        run_pass(guard, layers, timer)
+    assert {r["runs"] for r in guard.summary()} == {"sparse"}
+    timer.cost["sparse"] = 6.0  # ... until its density rises: the timed sparse calls notice
+    for _ in range(3 * speed.RECHECK):
+        run_pass(guard, layers, timer)
+    assert {r["runs"] for r in guard.summary()} == {"dense"}

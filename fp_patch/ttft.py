@@ -273,8 +273,9 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
 
 
 def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
-    """Ten prompts of ten lengths near ``L`` against ten prompts of length ``L`` (steady state after one
-    warm-up each), with the Triton compilations counted across the varied lengths."""
+    """Ten prompts of ten lengths near ``L`` against ten prompts of length ``L``, taking turns (one of
+    each, ten times, after one warm-up call each), with the Triton compilations counted across the
+    varied lengths."""
     import fp_patch
     from fp_patch import speed
 
@@ -285,20 +286,28 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
     fp_patch.configure(model, min_sparse_len=args.min_sparse_len)
     speed.reset()
     result = {"center": center, "lengths": lengths}
-    for name, seq in (("one_length", [center] * 10), ("ten_lengths", lengths)):
-        warm, _ = _inputs(model, tokenizer, seq[0], args.device)
+    totals = {"one_length": 0.0, "ten_lengths": 0.0}
+    compilations = 0
+    for first in (center, lengths[0]):
+        warm, _ = _inputs(model, tokenizer, first, args.device)
         ttft(model, warm, 1)
-        before = triton_compilations()
-        total = 0.0
-        for i, length in enumerate(seq):
-            inputs, _ = _inputs(model, tokenizer, length, args.device, seed=i)
-            total += ttft(model, inputs, 0)[0]
-        after = triton_compilations()
-        result[name] = {"total_s": total, "triton_compilations": None if before is None else after - before}
+    for i, length in enumerate(lengths):
+        for name, n in (("one_length", center), ("ten_lengths", length)):
+            inputs, _ = _inputs(model, tokenizer, n, args.device, seed=i)
+            before = triton_compilations()
+            totals[name] += ttft(model, inputs, 0)[0]
+            after = triton_compilations()
+            if name == "ten_lengths" and before is not None:
+                compilations += after - before
+    for name, total in totals.items():
+        result[name] = {"total_s": total}
+    result["ten_lengths"]["triton_compilations"] = None if triton_compilations() is None else compilations
     result["ratio"] = result["ten_lengths"]["total_s"] / result["one_length"]["total_s"]
-    log(f"ten lengths {lengths}: {result['ten_lengths']['total_s'] * 1e3:.0f} ms vs ten x {center}: "
+    log(
+        f"ten lengths {lengths}: {result['ten_lengths']['total_s'] * 1e3:.0f} ms vs ten x {center}: "
         f"{result['one_length']['total_s'] * 1e3:.0f} ms (ratio {result['ratio']:.3f}; new Triton compilations "
-        f"{result['ten_lengths']['triton_compilations']})")
+        f"{result['ten_lengths']['triton_compilations']})"
+    )
     return result
 
 

@@ -77,6 +77,7 @@ def measure(name: str, length: int, calls: int, device: str = "cuda") -> list[di
     from fp_kernels.sparse_attention import sparse_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    import fp_patch
     from fp_patch.attention import flashprefill_attention_forward
 
     hq, hkv, dim = SHAPES[name]
@@ -109,6 +110,25 @@ def measure(name: str, length: int, calls: int, device: str = "cuda") -> list[di
         "select_blocks": lambda: select_blocks(q, kbar, length, 0.18, 128, 2, 4, 2, 0, None, num_kv_heads=hkv),
         "sparse_attention": lambda: sparse_attention(q, k, v, index, count, 128),
     }
+    if cuda:
+        from fp_patch import speed
+
+        guard_layer = attention_module(hq, hkv, dim, min_sparse_len=2)
+        fp_patch.configure(guard_layer, speed_guard=True)
+        speed.reset()
+        with torch.no_grad():  # let the guard measure both paths and settle
+            for _ in range(20):
+                flashprefill_attention_forward(guard_layer, query, key, value, None)
+                torch.cuda.synchronize()
+        choice = speed.summary()[0]["runs"]
+        cases[f"flashprefill attention, speed guard (runs {choice})"] = lambda: flashprefill_attention_forward(
+            guard_layer, query, key, value, None
+        )
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        cases["torch.cuda.is_current_stream_capturing()"] = torch.cuda.is_current_stream_capturing
+        cases["torch.cuda.Event(enable_timing=True).record()"] = lambda: torch.cuda.Event(enable_timing=True).record()
+        cases["Event.query()"] = event.query
     rows = []
     with torch.no_grad():
         for case, fn in cases.items():

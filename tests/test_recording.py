@@ -350,7 +350,9 @@ def test_compiled_forward_warns_that_nothing_was_recorded(where, caplog):
         with torch.no_grad(), record_density(model) as rec:
             run(ids(100))
             run(ids(100))
-    messages = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    # the recorder's own lines (on a GPU the attention function also logs a compiled_mask fallback)
+    ours = [r for r in caplog.records if r.name == "fp_patch.recording"]
+    messages = [r.getMessage() for r in ours if "torch.compile" in r.getMessage()]
     assert len(messages) == 1 and "recording is empty" in messages[0]
     assert len(rec.to_frame()) == 0
     caplog.clear()

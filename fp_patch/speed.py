@@ -16,14 +16,16 @@ How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, whi
   (``Lq`` and ``Lk`` rounded up to a power of two): the dense cost per shape class (device, dtype,
   batch, heads, head dim, mask or not), shared by all layers, since dense attention costs the same
   whatever the content; the sparse cost per layer and alpha, since density differs by layer.
-* Per eligible call: with no dense estimate for the class, the first layer that meets it runs dense
-  (measured); a layer with no sparse estimate runs sparse (measured); then each layer runs the
-  cheaper one. Every :data:`RECHECK`-th call of a layer (staggered across layers) times the path it
-  runs (two events, so a rising density is noticed) and, half a period later, runs and times the
-  other path (so a falling one is noticed too); where one path costs over :data:`CLEAR_MARGIN` times
-  the other, the other path is tried only every ``RECHECK * CLEAR_RECHECK``-th call, since each try
-  costs the whole difference. The first forward pass of a new length class is sparse in every layer
-  but one.
+* Per eligible call: until the class's dense estimate has two measurements, one layer at a time runs
+  dense (measured); until a layer's sparse estimate has two, it runs sparse (measured). The second
+  measurement replaces the first, which is often cold (a cuDNN plan, allocator growth, a first
+  launch). Then each layer runs the cheaper one. Every :data:`RECHECK`-th call of a layer (staggered
+  across layers) times the path it runs (two events, so a rising density is noticed) and, half a
+  period later, runs and times the other path (so a falling one is noticed too); where one path
+  costs over :data:`CLEAR_MARGIN` times the other, the other path is tried only every
+  ``RECHECK * CLEAR_RECHECK``-th call, since each try costs the whole difference. So the first two
+  forward passes of a new length class are sparse in all layers but two; the guard decides from
+  the third.
 
 :func:`summary` lists the decisions; :func:`reset` forgets every estimate.
 """
@@ -72,7 +74,7 @@ class Estimate:
 
     def add(self, x: float) -> None:
         self.count += 1
-        if self.value is None:
+        if self.value is None or self.count == 2:  # the second replaces the first, which is often cold
             self.value = x
         elif x > OUTLIER * self.value or x * OUTLIER < self.value:
             if self.suspect is None:  # once: keep it apart
@@ -186,9 +188,11 @@ class SpeedGuard:
             module.__dict__[_MODULE_CACHE] = (self.dense, signature, (state, dense, units))
         state.calls += 1
         sparse = state.sparse
-        if dense.value is None and dense.in_flight == 0:
+        # every estimate is measured twice before it decides anything (the first call of a new shape pays
+        # for cuDNN plans, allocator growth, first launches); the dense one by one layer at a time
+        if dense.count < 2 and dense.in_flight == 0:
             return Plan("dense", dense, units)
-        if sparse.value is None or dense.value is None:
+        if sparse.count < 2 or dense.value is None:
             return Plan("sparse", sparse, units)
         best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
         self._note_choice(state, best, sparse.value * units, dense.value * units)

@@ -274,40 +274,45 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
 
 def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
     """Ten prompts of ten lengths near ``L`` against ten prompts of length ``L``, taking turns (one of
-    each, ten times, after one warm-up call each), with the Triton compilations counted across the
-    varied lengths."""
+    each, ten times, after one warm-up call each), with ``"flashprefill"`` and, as the control, with
+    ``"sdpa"`` (new shapes cost Transformers and cuDNN something too); Triton compilations are counted
+    across the varied lengths."""
     import fp_patch
     from fp_patch import speed
 
     center = args.ten_lengths
     step = (center // 100) | 1  # odd: the lengths fall on different residues mod 16
     lengths = [center + (2 * i - 9) * step for i in range(10)]  # mean length: ``center``
-    model.set_attn_implementation("flashprefill")
-    fp_patch.configure(model, min_sparse_len=args.min_sparse_len)
-    speed.reset()
     result = {"center": center, "lengths": lengths}
-    totals = {"one_length": 0.0, "ten_lengths": 0.0}
-    compilations = 0
-    for first in (center, lengths[0]):
-        warm, _ = _inputs(model, tokenizer, first, args.device)
-        ttft(model, warm, 1)
-    for i, length in enumerate(lengths):
-        for name, n in (("one_length", center), ("ten_lengths", length)):
-            inputs, _ = _inputs(model, tokenizer, n, args.device, seed=i)
-            before = triton_compilations()
-            totals[name] += ttft(model, inputs, 0)[0]
-            after = triton_compilations()
-            if name == "ten_lengths" and before is not None:
-                compilations += after - before
-    for name, total in totals.items():
-        result[name] = {"total_s": total}
-    result["ten_lengths"]["triton_compilations"] = None if triton_compilations() is None else compilations
-    result["ratio"] = result["ten_lengths"]["total_s"] / result["one_length"]["total_s"]
-    log(
-        f"ten lengths {lengths}: {result['ten_lengths']['total_s'] * 1e3:.0f} ms vs ten x {center}: "
-        f"{result['one_length']['total_s'] * 1e3:.0f} ms (ratio {result['ratio']:.3f}; new Triton compilations "
-        f"{result['ten_lengths']['triton_compilations']})"
-    )
+    for impl in ("sdpa", "flashprefill"):
+        model.set_attn_implementation(impl)
+        if impl == "flashprefill":
+            fp_patch.configure(model, min_sparse_len=args.min_sparse_len)
+        speed.reset()
+        totals = {"one_length": 0.0, "ten_lengths": 0.0}
+        compilations = 0
+        for first in (center, lengths[0]):
+            warm, _ = _inputs(model, tokenizer, first, args.device)
+            ttft(model, warm, 1)
+        for i, length in enumerate(lengths):
+            for name, n in (("one_length", center), ("ten_lengths", length)):
+                inputs, _ = _inputs(model, tokenizer, n, args.device, seed=i)
+                before = triton_compilations()
+                totals[name] += ttft(model, inputs, 0)[0]
+                after = triton_compilations()
+                if name == "ten_lengths" and before is not None:
+                    compilations += after - before
+        entry = {name: {"total_s": total} for name, total in totals.items()}
+        entry["ten_lengths"]["triton_compilations"] = None if triton_compilations() is None else compilations
+        entry["ratio"] = totals["ten_lengths"] / totals["one_length"]
+        result[impl] = entry
+        log(
+            f"{impl}: ten lengths {lengths}: {totals['ten_lengths'] * 1e3:.0f} ms vs ten x {center}: "
+            f"{totals['one_length'] * 1e3:.0f} ms (ratio {entry['ratio']:.3f}; new Triton compilations "
+            f"{entry['ten_lengths']['triton_compilations']})"
+        )
+    # the flashprefill series at the top level, as before
+    result.update({k: result["flashprefill"][k] for k in ("one_length", "ten_lengths", "ratio")})
     return result
 
 

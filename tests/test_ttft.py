@@ -71,6 +71,7 @@ def test_ten_lengths_are_distinct_and_average_to_the_one_length(tiny):
     assert len({n % 16 for n in lengths}) >= 5
     assert result["one_length"]["total_s"] > 0 and result["ten_lengths"]["total_s"] > 0
     assert result["ratio"] == pytest.approx(result["ten_lengths"]["total_s"] / result["one_length"]["total_s"])
+    assert result["sdpa"]["ratio"] > 0 and result["flashprefill"]["ratio"] == result["ratio"]  # sdpa: the control
 
 
 def test_profile_groups_kernels_by_name():

@@ -12,7 +12,7 @@ import argparse
 
 import pytest
 import torch
-from test_integration import build
+from test_integration import DEVICE, build
 
 from fp_patch import ttft
 
@@ -20,8 +20,8 @@ from fp_patch import ttft
 def tiny_args(**over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     ttft.add_arguments(parser)
-    args = parser.parse_args(["--ttft", "--device", "cpu", "--lengths", "256", "--repeats", "1",
-                              "--min-sparse-len", "64"])
+    args = parser.parse_args(["--ttft", "--device", DEVICE.type, "--lengths", "256", "--repeats", "1",
+                              "--min-sparse-len", "64"])  # the tiny model's device (CPU in CI, a GPU there)
     for key, value in over.items():
         setattr(args, key, value)
     return args
@@ -52,7 +52,8 @@ def test_fixed_density_replaces_the_selected_lists():
     from fp_kernels import flash_prefill, pipeline
     from fp_kernels.synthetic import structured_qkv
 
-    q, k, v = structured_qkv(1, 1024, 2, 1, 64, dtype=torch.float32, block_size=64)
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16  # inputs the kernels take there
+    q, k, v = (t.to(DEVICE) for t in structured_qkv(1, 1024, 2, 1, 64, dtype=dtype, block_size=64))
     real = pipeline.select_blocks
     with ttft.fixed_density(0.3):
         _, info = flash_prefill(q, k, v, alpha=0.0, block_size=64, return_info=True)

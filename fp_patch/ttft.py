@@ -255,7 +255,7 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
                         row["profile_ms"] = profile_prefill(model, inputs)
                     if number is not None:
                         with torch.no_grad():
-                            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+                            out = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # as the demo
                         answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
                         row["answer"], row["found"] = answer, str(number) in answer
             finally:

@@ -217,7 +217,8 @@ def plot_block_map(
     Left: the block scores as ``log10`` of each key block's pooled softmax mass relative to the best
     block of its query-block row (what the alpha threshold compares; vertical lines are tokens all
     queries attend to, diagonals are relative positions, the lower-left corner is the sinks), with
-    the selection outlined. Right: what was computed (score colors) and skipped (grey). On both, the
+    the border between selected and skipped blocks outlined. Right: what was computed (score colors)
+    and skipped (grey). On both, the
     blocks computed by rule whatever their score (sinks, local window, last query blocks) are
     hatched: the diagonal block is scored from the block's last query row only (a row never scores
     keys in its future), so it often looks weak although it is always computed. Needs
@@ -259,7 +260,7 @@ def plot_block_map(
     left, right = fig.subplots(1, 2, sharex=True, sharey=True)
     image = left.imshow(np.ma.masked_invalid(rel), cmap=cmap, vmin=vmin, vmax=0, interpolation="nearest")
     _outline(left, mask & visible, "#00e5ff")
-    left.set_title("block scores; selection outlined", fontsize=9)
+    left.set_title("block scores; the selection's border outlined", fontsize=9)
     shown = np.where(mask & visible, rel, np.nan)
     skipped = np.where(visible & ~mask, 1.0, np.nan)
     right.imshow(

@@ -216,11 +216,19 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     alpha = args.alpha if args.alpha is not None else defaults.alpha
     variants = [v for v in _variants(args.densities) if v[1] == "sdpa" or not args.only or v[1] in args.only]
 
-    def use(variant):
-        impl, _, guard, _ = variant
+    @contextlib.contextmanager
+    def active(variant, states: dict):
+        """The model set up as ``variant``, with that variant's own speed-guard measurements in place."""
+        impl, label, guard, density = variant
         model.set_attn_implementation(impl)
         if impl == "flashprefill":
             fp_patch.configure(model, alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
+        states[label] = speed.GUARD.swap(states[label])
+        try:
+            with fixed_density(density):
+                yield
+        finally:
+            states[label] = speed.GUARD.swap(states[label])
 
     for length in args.lengths:
         inputs, number = _inputs(model, tokenizer, length, args.device)
@@ -229,13 +237,8 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
         times: dict[str, list[float]] = {v[1]: [] for v in variants}
         for _ in range(args.repeats + 1):
             for variant in variants:
-                use(variant)
-                states[variant[1]] = speed.GUARD.swap(states[variant[1]])
-                try:
-                    with fixed_density(variant[3]):
-                        times[variant[1]].append(ttft(model, inputs, 0)[0])
-                finally:
-                    states[variant[1]] = speed.GUARD.swap(states[variant[1]])
+                with active(variant, states):
+                    times[variant[1]].append(ttft(model, inputs, 0)[0])
         base = None
         for variant in variants:
             impl, label, guard, density = variant
@@ -244,22 +247,17 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
             row = {"model": args.model, "tokens": tokens, "impl": label,
                    "alpha": alpha if guard is not None else None, "fixed_density": density,
                    "ttft_first_s": first, "ttft_s": steady, "ttft_all_s": times[label]}
-            use(variant)
-            states[label] = speed.GUARD.swap(states[label])
-            try:
-                with fixed_density(density):
-                    if impl == "flashprefill":
-                        row["dense_layer_fraction"] = speed.dense_fraction()
-                        row["density"] = density if density is not None else _density(model, inputs)
-                    if args.profile:
-                        row["profile_ms"] = profile_prefill(model, inputs)
-                    if number is not None:
-                        with torch.no_grad():
-                            out = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # as the demo
-                        answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
-                        row["answer"], row["found"] = answer, str(number) in answer
-            finally:
-                states[label] = speed.GUARD.swap(states[label])
+            with active(variant, states):
+                if impl == "flashprefill":
+                    row["dense_layer_fraction"] = speed.dense_fraction()
+                    row["density"] = density if density is not None else _density(model, inputs)
+                if args.profile:
+                    row["profile_ms"] = profile_prefill(model, inputs)
+                if number is not None:
+                    with torch.no_grad():
+                        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # as the demo
+                    answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
+                    row["answer"], row["found"] = answer, str(number) in answer
             if base is None:
                 base = steady
             row["speedup_vs_sdpa"] = base / steady

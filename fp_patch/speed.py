@@ -253,8 +253,8 @@ class SpeedGuard:
                 dense_key, alpha = state.key
                 dense = self.dense.get(dense_key)
                 sparse, dense_ms = state.sparse.value, None if dense is None else dense.value
-                if sparse is None or dense_ms is None:
-                    runs = "sparse"  # still measuring
+                if state.sparse.count < 2 or dense is None or dense.count < 2:
+                    runs = "sparse"  # still measuring (plan decides from the second measurement on)
                 else:
                     runs = "sparse" if sparse <= dense_ms else "dense"
                 rows.append({

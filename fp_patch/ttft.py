@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import time
@@ -45,15 +46,32 @@ def _sync():
 
 
 def ttft(model, inputs: dict, repeats: int) -> tuple[float, float, list[float]]:
-    """(first call, median of the next ``repeats``, all of them) of generate(max_new_tokens=1), in s."""
+    """(first call, median of the next ``repeats``, all of them) of generate(max_new_tokens=1), in s.
+
+    Python's garbage collector is held off while a call is timed (as ``timeit`` does): a full
+    collection lands on whichever call happens to trigger it and costs tens of milliseconds."""
     times = []
     for _ in range(repeats + 1):
         _sync()
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
-        _sync()
-        times.append(time.perf_counter() - start)
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            _sync()
+            times.append(time.perf_counter() - start)
+        finally:
+            if gc_was_on:
+                gc.enable()
     return times[0], statistics.median(times[1:]) if repeats else times[0], times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (all three the value itself for one)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def build_random(name: str, layers: int | None, device: str):
@@ -204,9 +222,12 @@ def _variants(densities: list[float]):
 def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_row=None) -> list[dict]:
     """One row per (length, variant), appended to ``rows``; ``on_row()`` after each (saves partial results).
 
-    The variants of one length take turns call by call (first calls, then ``repeats`` rounds), so a
-    drift of the GPU clock or of the host over the run touches all of them alike; each keeps its own
-    speed-guard measurements (:meth:`fp_patch.speed.SpeedGuard.swap`).
+    The variants of one length take turns call by call (first calls, then ``repeats`` rounds; each
+    round starts one variant further on, so none always runs right after the same other), and each
+    keeps its own speed-guard measurements (:meth:`fp_patch.speed.SpeedGuard.swap`). A drift of the
+    GPU clock or of the host over the run touches all of them alike, and the speed-up is also given
+    per round (``speedup_paired``: median and quartiles of ``sdpa / variant`` over the rounds), which
+    cancels the drift between rounds that the ratio of medians still carries.
     """
     import fp_patch
     from fp_patch import speed
@@ -235,10 +256,12 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
         tokens = int(inputs["input_ids"].shape[1])
         states = {v[1]: None for v in variants}  # None: fresh guard measurements
         times: dict[str, list[float]] = {v[1]: [] for v in variants}
-        for _ in range(args.repeats + 1):
-            for variant in variants:
+        for round_ in range(args.repeats + 1):
+            turn = round_ % len(variants)
+            for variant in variants[turn:] + variants[:turn]:
                 with active(variant, states):
                     times[variant[1]].append(ttft(model, inputs, 0)[0])
+            gc.collect()  # between rounds, never inside a timed call
         base = None
         for variant in variants:
             impl, label, guard, density = variant
@@ -261,6 +284,8 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
             if base is None:
                 base = steady
             row["speedup_vs_sdpa"] = base / steady
+            paired = [b / t for b, t in zip(times["sdpa"][1:], later, strict=True)] or [base / steady]
+            row["speedup_paired"] = quartiles(paired)
             rows.append(row)
             log(format_row(row))
             if on_row is not None:
@@ -323,7 +348,14 @@ def format_row(row: dict) -> str:
     prof = row.get("profile_ms")
     prof = "" if not prof else " | " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items())
     return (f"{row['model']} L={row['tokens']:>6} {row['impl']:>26} ttft {row['ttft_s'] * 1e3:9.1f} ms "
-            f"(first {row['ttft_first_s'] * 1e3:9.1f}) x{row['speedup_vs_sdpa']:.2f}{dens}{guard}{answer}{prof}")
+            f"(first {row['ttft_first_s'] * 1e3:9.1f}) x{row['speedup_vs_sdpa']:.2f} per round "
+            f"{_paired_text(row)}{dens}{guard}{answer}{prof}")
+
+
+def _paired_text(row: dict) -> str:
+    """``median [q1-q3]`` of the per-round speed-ups (rows saved before they existed: ``-``)."""
+    paired = row.get("speedup_paired")
+    return "-" if paired is None else f"{paired[1]:.2f} [{paired[0]:.2f}-{paired[2]:.2f}]"
 
 
 def markdown(results: dict) -> str:
@@ -331,10 +363,13 @@ def markdown(results: dict) -> str:
     lines = [
         f"{results['model_note']}. GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env.get('transformers')}, {env['date']}. TTFT = generate(max_new_tokens=1), median of "
-        f"{results['repeats']} after a first call (reported apart).",
+        f"{results['repeats']} after a first call (reported apart); the variants take turns call by call, "
+        "each round starting one further on. x vs sdpa: ratio of the medians; per round: median "
+        "[quartiles] of sdpa / variant over the rounds.",
         "",
-        "| tokens | implementation | density | TTFT ms | x vs sdpa | first call ms | layers dense by the guard |",
-        "|---|---|---|---|---|---|---|",
+        "| tokens | implementation | density | TTFT ms | x vs sdpa | per round | first call ms "
+        "| layers dense by the guard |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         dens = r.get("density")
@@ -345,7 +380,7 @@ def markdown(results: dict) -> str:
         guard = r.get("dense_layer_fraction")
         lines.append(
             f"| {r['tokens']} | {r['impl']} | {dens} | {r['ttft_s'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} "
-            f"| {r['ttft_first_s'] * 1e3:.1f} | {'-' if guard is None else f'{guard:.0%}'} |"
+            f"| {_paired_text(r)} | {r['ttft_first_s'] * 1e3:.1f} | {'-' if guard is None else f'{guard:.0%}'} |"
         )
     profiled = [r for r in results["rows"] if r.get("profile_ms")]
     if profiled:

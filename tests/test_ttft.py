@@ -46,6 +46,29 @@ def test_rows_cover_every_variant(tiny):
     assert md.count("\n| 256 |") == 4 and "50.0% (fixed)" in md
 
 
+def test_gc_is_off_inside_timed_calls_and_rounds_are_paired(tiny, monkeypatch):
+    """The garbage collector never runs inside a timed call; the per-round speed-ups (sdpa / variant of
+    the same round) are reported with their quartiles."""
+    import gc
+
+    gc_inside = []
+    real_generate = tiny.generate
+
+    def generate(**kwargs):
+        gc_inside.append(gc.isenabled())
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(tiny, "generate", generate)
+    rows = ttft.run_lengths(tiny, None, tiny_args(repeats=3), log=lambda _: None)
+    assert gc.isenabled() and gc_inside == [False] * 12
+    sdpa, guard = rows[0], rows[1]
+    assert sdpa["speedup_paired"] == (1.0, 1.0, 1.0)
+    paired = sorted(b / t for b, t in zip(sdpa["ttft_all_s"][1:], guard["ttft_all_s"][1:], strict=True))
+    assert guard["speedup_paired"] == pytest.approx((paired[0] / 2 + paired[1] / 2, paired[1],
+                                                     paired[1] / 2 + paired[2] / 2))
+    assert f"per round {guard['speedup_paired'][1]:.2f} [" in ttft.format_row(guard)
+
+
 def test_fixed_density_replaces_the_selected_lists():
     """Inside the context the sparse kernel computes about the asked share of blocks (counted from the
     lists it receives); outside, the real selection is back."""
@@ -103,8 +126,9 @@ def test_every_row_is_saved_as_it_comes_and_profiles_render(tiny):
 
 
 def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeypatch):
-    """Calls alternate between the variants (first calls, then each round), so drift over the run
-    touches all alike; each variant sees only its own speed-guard state."""
+    """Calls alternate between the variants (first calls, then each round, each round starting one
+    variant further on), so drift over the run touches all alike and none always follows the same
+    other; each variant sees only its own speed-guard state."""
     import fp_patch
     from fp_patch import speed
 
@@ -120,7 +144,8 @@ def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeyp
     monkeypatch.setattr(ttft, "ttft", fake_ttft)
     rows = ttft.run_lengths(tiny, None, tiny_args(model="llama8b", repeats=2), log=lambda _: None)
     names = [name for name, _ in seen]
-    assert names == ["sdpa", "fp guard=True", "fp guard=False"] * 3
+    sdpa, guard, sparse = "sdpa", "fp guard=True", "fp guard=False"
+    assert names == [sdpa, guard, sparse, guard, sparse, sdpa, sparse, sdpa, guard]
     states = {}
     for name, state in seen:
         states.setdefault(name, set()).add(state)

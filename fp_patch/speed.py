@@ -26,6 +26,9 @@ How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, whi
   ``RECHECK * CLEAR_RECHECK``-th call, since each try costs the whole difference. So the first two
   forward passes of a new length class are sparse in all layers but two; the guard decides from
   the third.
+* Between those timed calls a layer's plan stands (``Plan.repeat``): the attention function runs
+  the next calls with the same inputs on it without routing or asking again (a small model's
+  prefill is bound by the host, where every microsecond per layer shows in the time to first token).
 
 :func:`summary` lists the decisions; :func:`reset` forgets every estimate.
 """
@@ -99,11 +102,29 @@ class LayerState:
 
 @dataclass
 class Plan:
-    """What one call runs (``"sparse"`` or ``"dense"``), and where its time goes when measured."""
+    """What one call runs (``"sparse"`` or ``"dense"``), where its time goes when measured, and how
+    many following calls of the layer with the same inputs would get this same untimed plan
+    (``repeat``: the attention function may run them without asking again)."""
 
     path: str
     estimate: Estimate | None
     units: float
+    repeat: int = 0
+    layer: LayerState | None = None
+
+    def reuse(self) -> bool:
+        """Count one more call of the layer that runs this plan without asking the guard; ``False``
+        when no repeat is left (then ask :meth:`SpeedGuard.plan`)."""
+        if self.repeat <= 0:
+            return False
+        self.repeat -= 1
+        self.layer.calls += 1
+        return True
+
+
+def _calls_until(turn: int, period: int, residue: int) -> int:
+    """The smallest ``d >= 1`` with ``(turn + d) % period == residue``."""
+    return (residue - turn - 1) % period + 1
 
 
 class CudaTimer:
@@ -191,20 +212,25 @@ class SpeedGuard:
         # every estimate is measured twice before it decides anything (the first call of a new shape pays
         # for cuDNN plans, allocator growth, first launches); the dense one by one layer at a time
         if dense.count < 2 and dense.in_flight == 0:
-            return Plan("dense", dense, units)
+            return Plan("dense", dense, units, layer=state)
         if sparse.count < 2 or dense.value is None:
-            return Plan("sparse", sparse, units)
+            return Plan("sparse", sparse, units, layer=state)
         best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
         self._note_choice(state, best, sparse.value * units, dense.value * units)
         turn = state.calls + (layer_idx or 0)  # staggered: layers recheck in different passes
         # running the other path costs its whole difference: rarely where the choice is clear
         margin = max(sparse.value, dense.value) / max(min(sparse.value, dense.value), 1e-12)
-        if turn % (RECHECK if margin < CLEAR_MARGIN else RECHECK * CLEAR_RECHECK) == 0:
-            return Plan(other, dense if other == "dense" else sparse, units)
+        period = RECHECK if margin < CLEAR_MARGIN else RECHECK * CLEAR_RECHECK
+        if turn % period == 0:
+            return Plan(other, dense if other == "dense" else sparse, units, layer=state)
         chosen = dense if best == "dense" else sparse
         # timing the path that runs anyway costs two events: keep it fresh (e.g. density rising)
-        fresh = chosen.count < MEASURED_CALLS or turn % RECHECK == RECHECK // 2
-        return Plan(best, chosen if fresh else None, units)
+        if chosen.count < MEASURED_CALLS or turn % RECHECK == RECHECK // 2:
+            return Plan(best, chosen, units, layer=state)
+        # the calls before this layer next times a path would all get this plan (the estimates may move
+        # meanwhile through other layers' measurements; the choice is revisited at least every RECHECK // 2)
+        repeat = min(_calls_until(turn, period, 0), _calls_until(turn, RECHECK, RECHECK // 2)) - 1
+        return Plan(best, None, units, repeat, layer=state)
 
     def _lookup(self, module, layer_idx, query: torch.Tensor, k_len: int, alpha: float, masked: bool):
         batch, heads, q_len, dim = query.shape

@@ -20,9 +20,11 @@ the model costs around sparse attention at that density.
 Rows per length: ``sdpa``; ``flashprefill`` (the default, speed guard on: layers where dense was
 measured faster run dense); ``flashprefill/sparse`` (``speed_guard=False``: every layer sparse).
 The first call of each (kernel compilation, first measurements) is reported apart from the steady
-state (median of ``--repeats`` calls). ``--ten-lengths L`` times ten prompts of ten different
-lengths near ``L`` against ten of one length, and counts Triton compilations. ``--profile`` splits
-the GPU time of one prefill into index building, sparse attention, dense attention and the rest.
+state (median of ``--repeats`` calls); ``--warmup N`` reports the first N apart (the speed guard
+measures both paths on the first two calls of a new length class, a third may still finish that).
+``--ten-lengths L`` times ten prompts of ten different lengths near ``L`` against ten of one
+length, and counts Triton compilations. ``--profile`` splits the GPU time of one prefill into index
+building, sparse attention, dense attention and the rest.
 """
 
 from __future__ import annotations
@@ -256,20 +258,20 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
         tokens = int(inputs["input_ids"].shape[1])
         states = {v[1]: None for v in variants}  # None: fresh guard measurements
         times: dict[str, list[float]] = {v[1]: [] for v in variants}
-        for round_ in range(args.repeats + 1):
+        for round_ in range(args.warmup + args.repeats):
             turn = round_ % len(variants)
             for variant in variants[turn:] + variants[:turn]:
                 with active(variant, states):
                     times[variant[1]].append(ttft(model, inputs, 0)[0])
-            gc.collect()  # between rounds, never inside a timed call
         base = None
         for variant in variants:
             impl, label, guard, density = variant
-            first, later = times[label][0], times[label][1:]
+            first, later = times[label][0], times[label][args.warmup:]
             steady = statistics.median(later) if later else first
             row = {"model": args.model, "tokens": tokens, "impl": label,
                    "alpha": alpha if guard is not None else None, "fixed_density": density,
-                   "ttft_first_s": first, "ttft_s": steady, "ttft_all_s": times[label]}
+                   "ttft_first_s": first, "ttft_warmup_s": times[label][: args.warmup], "ttft_s": steady,
+                   "ttft_all_s": times[label]}
             with active(variant, states):
                 if impl == "flashprefill":
                     row["dense_layer_fraction"] = speed.dense_fraction()
@@ -284,7 +286,7 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
             if base is None:
                 base = steady
             row["speedup_vs_sdpa"] = base / steady
-            paired = [b / t for b, t in zip(times["sdpa"][1:], later, strict=True)] or [base / steady]
+            paired = [b / t for b, t in zip(times["sdpa"][args.warmup:], later, strict=True)] or [base / steady]
             row["speedup_paired"] = quartiles(paired)
             rows.append(row)
             log(format_row(row))
@@ -348,8 +350,13 @@ def format_row(row: dict) -> str:
     prof = row.get("profile_ms")
     prof = "" if not prof else " | " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items())
     return (f"{row['model']} L={row['tokens']:>6} {row['impl']:>26} ttft {row['ttft_s'] * 1e3:9.1f} ms "
-            f"(first {row['ttft_first_s'] * 1e3:9.1f}) x{row['speedup_vs_sdpa']:.2f} per round "
+            f"(first {_warmup_text(row)}) x{row['speedup_vs_sdpa']:.2f} per round "
             f"{_paired_text(row)}{dens}{guard}{answer}{prof}")
+
+
+def _warmup_text(row: dict) -> str:
+    """The calls reported apart, in ms: ``first`` or ``first / second / ...`` with ``--warmup``."""
+    return " / ".join(f"{t * 1e3:.1f}" for t in row.get("ttft_warmup_s") or [row["ttft_first_s"]])
 
 
 def _paired_text(row: dict) -> str:
@@ -360,14 +367,17 @@ def _paired_text(row: dict) -> str:
 
 def markdown(results: dict) -> str:
     env = results["environment"]
+    warmup = results.get("warmup", 1)
+    apart = "a first call" if warmup == 1 else f"the first {warmup} calls"
+    apart_column = "first call" if warmup == 1 else f"first {warmup} calls"
     lines = [
         f"{results['model_note']}. GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env.get('transformers')}, {env['date']}. TTFT = generate(max_new_tokens=1), median of "
-        f"{results['repeats']} after a first call (reported apart); the variants take turns call by call, "
+        f"{results['repeats']} after {apart} (reported apart); the variants take turns call by call, "
         "each round starting one further on. x vs sdpa: ratio of the medians; per round: median "
         "[quartiles] of sdpa / variant over the rounds.",
         "",
-        "| tokens | implementation | density | TTFT ms | x vs sdpa | per round | first call ms "
+        f"| tokens | implementation | density | TTFT ms | x vs sdpa | per round | {apart_column} ms "
         "| layers dense by the guard |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -380,7 +390,7 @@ def markdown(results: dict) -> str:
         guard = r.get("dense_layer_fraction")
         lines.append(
             f"| {r['tokens']} | {r['impl']} | {dens} | {r['ttft_s'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} "
-            f"| {_paired_text(r)} | {r['ttft_first_s'] * 1e3:.1f} | {'-' if guard is None else f'{guard:.0%}'} |"
+            f"| {_paired_text(r)} | {_warmup_text(r)} | {'-' if guard is None else f'{guard:.0%}'} |"
         )
     profiled = [r for r in results["rows"] if r.get("profile_ms")]
     if profiled:
@@ -394,6 +404,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft", action="store_true", help="time generate() end to end (this benchmark)")
     parser.add_argument("--model", choices=MODELS, default="smollm2")
@@ -403,6 +420,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra runs at these fixed densities (random block lists), e.g. 0.05 0.2")
     parser.add_argument("--layers", type=int, default=None, help="random models: keep the first N layers")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=_positive, default=1,
+                        help="calls per variant reported apart before the timed ones (default: the first)")
     parser.add_argument("--min-sparse-len", type=int, default=2048)
     parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
                         help="also time ten prompts of ten lengths near L against ten of length L")
@@ -431,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
         n = model.config.num_hidden_layers
         note = f"{args.model} shape, random weights, {n} layers"
     results = {"environment": environment(), "model": args.model, "model_note": note, "repeats": args.repeats,
-               "rows": []}
+               "warmup": args.warmup, "rows": []}
 
     def save():  # after every row: a run cut short keeps what it measured
         args.out.write_text(json.dumps(results, indent=1))

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_integration import build_pair, forward, text_ids
+from test_integration import DEVICE, DTYPE, build_pair, forward, text_ids
 
 import fp_patch
 from fp_patch import speed
@@ -281,3 +281,94 @@ def test_a_clear_loser_is_retried_rarely_and_the_running_path_stays_timed(layers
     for _ in range(3 * speed.RECHECK):
         run_pass(guard, layers, timer)
     assert {r["runs"] for r in guard.summary()} == {"dense"}
+
+
+# -- a layer's steady state: reusing a plan -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse_cost", [0.5, 1.2, 3.0])
+def test_reusing_a_plan_runs_what_asking_would(sparse_cost):
+    """``Plan.repeat``: the calls a layer runs without asking the guard take the path that asking would
+    have given, and none of them is one that asking would have timed."""
+
+    def run(reuse: bool):
+        timer = FakeTimer(sparse=sparse_cost, dense=1.0)
+        guard = speed.SpeedGuard(timer)
+        layers = [Layer() for _ in range(5)]
+        query = torch.empty(1, 4, 4096, 8, device="meta")
+        last, calls = [None] * len(layers), []
+        for _ in range(3 * speed.RECHECK * speed.CLEAR_RECHECK):
+            for idx, layer in enumerate(layers):
+                if reuse and last[idx] is not None and last[idx].reuse():
+                    calls.append((idx, last[idx].path, False))
+                    continue
+                plan = last[idx] = guard.plan(layer, idx, query, 4096, 0.1, masked=False)
+                guard.run(plan, query.device, lambda: None)
+                calls.append((idx, plan.path, plan.estimate is not None))
+        return calls, timer.measured
+
+    (asked, timed), (reused, timed_reusing) = run(reuse=False), run(reuse=True)
+    assert reused == asked and timed_reusing == timed
+    assert len({path for _, path, _ in asked}) == 2  # both paths ran (measurements, rechecks)
+    assert sum(not measured for _, _, measured in asked) > 0.8 * len(asked)  # mostly untimed: reusable
+
+
+def test_steady_state_reuses_the_plan_and_anything_new_asks_again(fake_guard, monkeypatch):
+    """Through a tiny Llama: once a layer has settled, its calls skip routing and the guard (a few
+    attribute reads on a small model's hot path) and still give SDPA's result exactly; a new length,
+    new settings, a recording, a reset or other routing arguments make the next call ask again."""
+    from fp_patch import attention
+
+    fake_guard.cost = {"sparse": 3.0, "dense": 2.0}
+    fp, ref = build_pair("llama", speed_guard=True)
+    ids = text_ids(256)
+    for _ in range(speed.MEASURED_CALLS + 2):
+        forward(fp, input_ids=ids)
+    asked = []
+    real_plan = speed.GUARD.plan
+    monkeypatch.setattr(speed.GUARD, "plan", lambda *a, **kw: asked.append(a[1]) or real_plan(*a, **kw))
+    calls = count_sparse_calls(monkeypatch)
+    want = forward(ref, input_ids=ids)
+    for _ in range(10):
+        torch.testing.assert_close(forward(fp, input_ids=ids), want, atol=1e-5, rtol=1e-5)
+    assert len(asked) <= 4 and calls == []  # 2 layers x 10 calls; each asks at most every RECHECK // 2
+
+    def leave_reuses():  # on every layer, whatever its last plan was
+        for module in fp.modules():
+            lean = module.__dict__.get(attention._LEAN)
+            if lean is not None:
+                lean.plan.repeat = 5
+
+    def asks_again(step) -> bool:
+        leave_reuses()
+        asked.clear()
+        step()
+        return sorted(asked) == [0, 1]
+
+    assert not asks_again(lambda: forward(fp, input_ids=ids))
+    assert asks_again(lambda: forward(fp, input_ids=text_ids(200)))
+    assert asks_again(lambda: (fp_patch.configure(fp, alpha=0.2), forward(fp, input_ids=text_ids(200))))
+    speed.GUARD.reset()
+    assert asks_again(lambda: forward(fp, input_ids=text_ids(200)))
+    leave_reuses()
+    with fp_patch.record_density(fp) as rec:  # recording: the real sparse path in every layer
+        calls.clear()
+        forward(fp, input_ids=text_ids(200))
+    assert len(calls) == 2 and rec.density() == rec.density()
+
+    fake_guard.cost = {"sparse": 1.0, "dense": 2.0}  # settle on sparse: a wrong reuse would show
+    layer = next(m for m in fp.modules() if m.__dict__.get(attention._LEAN) is not None)
+    heads, kv_heads = layer.config.num_attention_heads, layer.config.num_key_value_heads
+    q = torch.randn(1, heads, 256, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    kv = torch.randn(1, kv_heads, 256, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for _ in range(speed.MEASURED_CALLS + 2):
+            attention.flashprefill_attention_forward(layer, q, kv, kv, None, is_causal=True)
+        assert layer.__dict__[attention._LEAN].plan.path == "sparse"
+        layer.__dict__[attention._LEAN].plan.repeat = 5
+        asked.clear()
+        # same keyword names, another value that routes: not causal -> dense, without asking
+        out, _ = attention.flashprefill_attention_forward(layer, q, kv, kv, None, is_causal=False)
+    assert asked == [] and layer.__dict__[attention._LEAN].plan.repeat == 5
+    want, _ = attention._sdpa(layer, q, kv, kv, None, 0.0, None, {"is_causal": False})
+    torch.testing.assert_close(out, want)

@@ -69,6 +69,27 @@ def test_gc_is_off_inside_timed_calls_and_rounds_are_paired(tiny, monkeypatch):
     assert f"per round {guard['speedup_paired'][1]:.2f} [" in ttft.format_row(guard)
 
 
+def test_warmup_calls_are_reported_apart(tiny):
+    """``--warmup 2``: the first two calls of each variant (the guard still measuring) are kept out of
+    the steady state and the pairing, and shown in the first-calls column."""
+    rows = ttft.run_lengths(tiny, None, tiny_args(repeats=2, warmup=2), log=lambda _: None)
+    for r in rows:
+        assert len(r["ttft_all_s"]) == 4 and r["ttft_warmup_s"] == r["ttft_all_s"][:2]
+        assert r["ttft_s"] == pytest.approx(sum(r["ttft_all_s"][2:]) / 2)
+    md = ttft.markdown({"environment": {"torch": "t", "triton": "t", "date": "d"}, "model_note": "tiny",
+                        "repeats": 2, "warmup": 2, "rows": rows})
+    assert "after the first 2 calls" in md and "| first 2 calls ms |" in md
+    assert f"| {rows[1]['ttft_all_s'][0] * 1e3:.1f} / {rows[1]['ttft_all_s'][1] * 1e3:.1f} |" in md
+    with pytest.raises(SystemExit):
+        tiny_args_parse(["--warmup", "0"])
+
+
+def tiny_args_parse(extra: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    ttft.add_arguments(parser)
+    return parser.parse_args(["--ttft", *extra])
+
+
 def test_fixed_density_replaces_the_selected_lists():
     """Inside the context the sparse kernel computes about the asked share of blocks (counted from the
     lists it receives); outside, the real selection is back."""

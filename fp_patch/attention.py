@@ -32,9 +32,11 @@ a mask while compiling                        dense SDPA (``compiled_mask``: che
 
 A call that would run sparse on CUDA then passes the speed guard (:mod:`fp_patch.speed`, on by
 default, ``speed_guard=False`` turns it off): it runs dense SDPA instead where that was measured
-faster for this layer and length class, so the prefill is never slower than SDPA. Until the guard
-next times a path, a layer's later calls with the same inputs (shapes, settings, routing arguments,
-no mask) reuse its plan without routing again.
+faster for this layer and length class, so the prefill is never slower than SDPA.
+
+A layer's next call with the same inputs as its last one (query shape, settings, routing arguments)
+is not routed again: a by-design dense route is repeated as is, a guard plan until the guard next
+times a path (see ``_Lean``).
 
 Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
 ``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
@@ -235,38 +237,46 @@ _ROUTING_KWARGS = ("is_causal", "sliding_window", *_UNSUPPORTED_KWARGS)
 
 
 class _Lean:
-    """One layer's last guarded call (no mask): its inputs as routing saw them, and the guard's plan,
-    which the next calls with the same inputs run without routing or asking the guard again
-    (:meth:`fp_patch.speed.Plan.reuse`). On a small model every microsecond of a layer's Python is
-    part of the time to first token: routing plus planning cost about 12 µs per call, this check 2."""
+    """One layer's last call and how it ran, which its next calls with the same inputs repeat without
+    routing again: a by-design dense route (``plan`` None: whatever the keys, values and mask), or the
+    speed guard's plan (no mask; until the guard next times a path, :meth:`fp_patch.speed.Plan.reuse`).
+    On a small model every microsecond of a layer's Python is part of the time to first token (in a
+    real forward pass, with the caches cold, routing plus planning cost a layer ~50 µs on the H100's
+    host, against ~50 µs for Transformers' whole SDPA call). Module attributes (``is_causal``,
+    ``sliding_window``) are taken to stay as they are."""
 
     __slots__ = ("q_shape", "k_shape", "v_shape", "dtype", "device", "cfg", "kw_keys", "kw_routing", "guard",
                  "plan", "route", "alpha")
 
-    def __init__(self, query, key, value, kwargs, cfg, plan, route, alpha):
+    def __init__(self, query, key, value, kwargs, cfg, plan=None, route=None, alpha=None):
         self.q_shape, self.k_shape, self.v_shape, self.dtype = query.shape, key.shape, value.shape, query.dtype
-        self.device = query.get_device()
-        self.cfg, self.kw_keys = cfg, tuple(kwargs)
+        self.device, self.cfg, self.kw_keys = query.get_device(), cfg, tuple(kwargs)
         self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
         self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.dense, plan, route, alpha
 
     def matches(self, module, query, key, value, attention_mask, dropout, kwargs) -> bool:
-        """The call routes as the stored one did: same shapes, dtype, settings, routing arguments, guard
-        state, no mask, no gradients or recording, on the device the guard can time (not capturing)."""
-        return (
-            attention_mask is None
-            and query.shape == self.q_shape
-            and key.shape == self.k_shape
-            and value.shape == self.v_shape
+        """The call routes as the stored one did: same query shape, dtype, device, settings, routing
+        arguments, no dropout, gradients or recording; for a guard plan also the same keys and values,
+        no mask, the same guard state, a repeat left, and a device the guard can time (not capturing)."""
+        if not (
+            query.shape == self.q_shape
             and query.dtype == self.dtype
             and query.get_device() == self.device
             and module.__dict__.get(MODULE_ATTR) is self.cfg
-            and SPEED_GUARD.dense is self.guard
             and tuple(kwargs) == self.kw_keys
             and all(kwargs[name] is routing for name, routing in self.kw_routing)
             and not dropout
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
             and active_recorder() is None
+        ):
+            return False
+        plan = self.plan
+        return plan is None or (
+            plan.repeat > 0
+            and attention_mask is None
+            and key.shape == self.k_shape
+            and value.shape == self.v_shape
+            and SPEED_GUARD.dense is self.guard
             and SPEED_GUARD.usable(query)
         )
 
@@ -333,10 +343,12 @@ def flashprefill_attention_forward(
     if scaling is None:
         scaling = getattr(module, "scaling", None)
     lean = None if compiling else module.__dict__.get(_LEAN)
-    if lean is not None and lean.plan.repeat > 0 and lean.matches(module, query, key, value, attention_mask,
-                                                                   dropout, kwargs):
-        lean.plan.reuse()
-        if lean.plan.path == "dense":
+    if lean is not None and lean.matches(module, query, key, value, attention_mask, dropout, kwargs):
+        plan = lean.plan
+        if plan is None:  # a by-design dense route
+            return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        plan.reuse()
+        if plan.path == "dense":
             return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
         return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
     cfg = config_for_module(module, cache=not compiling)
@@ -355,6 +367,8 @@ def flashprefill_attention_forward(
     route = _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx)
     if isinstance(route[0], str):
         _fallback(module, route[0], route[1], cfg, q_len, k_len)
+        if route[0] in BY_DESIGN and not compiling:
+            module.__dict__[_LEAN] = _Lean(query, key, value, kwargs, cfg)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     k_eff = route[0]
@@ -365,6 +379,8 @@ def flashprefill_attention_forward(
         plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
         if attention_mask is None:
             module.__dict__[_LEAN] = _Lean(query, key, value, kwargs, cfg, plan, route, alpha)
+        else:
+            module.__dict__.pop(_LEAN, None)
         if plan.path == "dense":
             return SPEED_GUARD.run(
                 plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)

@@ -265,5 +265,6 @@ def configure(model, config: FlashPrefillConfig | None = None, **overrides) -> F
     modules = _decoder_attention_modules(model)
     cfg = (config or config_for_module(modules[0])).replace(**overrides)
     for module in modules:
-        setattr(module, MODULE_ATTR, cfg)
-    return cfg
+        if getattr(module, MODULE_ATTR, None) != cfg:  # equal settings keep their object (and what hangs on it)
+            setattr(module, MODULE_ATTR, cfg)
+    return config_for_module(modules[0])

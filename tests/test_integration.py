@@ -438,6 +438,10 @@ def test_configured_at_load_time(tmp_path):
     assert fp_patch.configure(model, block_size=32) == fp_patch.FlashPrefillConfig(
         alpha=0.3, dense_layers=(0,), block_size=32
     )
+    # the same settings again keep their object (a layer's repeated calls key on it), new ones do not
+    current = fp_patch.get_config(model)
+    assert fp_patch.configure(model, block_size=32) is current and fp_patch.configure(model, current) is current
+    assert fp_patch.configure(model, block_size=64) is not current
 
 
 def test_configure_routes_dense_layers_and_layer_alpha(spy):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_integration import DEVICE, DTYPE, build_pair, forward, text_ids
+from test_integration import DEVICE, DTYPE, build_pair, forward, greedy, text_ids
 
 import fp_patch
 from fp_patch import speed
@@ -369,6 +369,38 @@ def test_steady_state_reuses_the_plan_and_anything_new_asks_again(fake_guard, mo
         asked.clear()
         # same keyword names, another value that routes: not causal -> dense, without asking
         out, _ = attention.flashprefill_attention_forward(layer, q, kv, kv, None, is_causal=False)
-    assert asked == [] and layer.__dict__[attention._LEAN].plan.repeat == 5
+    assert asked == [] and layer.__dict__[attention._LEAN].plan is None  # routed: now a by-design dense route
     want, _ = attention._sdpa(layer, q, kv, kv, None, 0.0, None, {"is_causal": False})
     torch.testing.assert_close(out, want)
+
+
+def test_by_design_dense_routes_are_repeated_without_routing(monkeypatch):
+    """Prompts below min_sparse_len and decode steps: a layer's next call with the same query shape and
+    settings runs SDPA without routing again (keys, values and mask may change); recording, another
+    query shape or new settings route again, and strict mode still refuses what it refuses."""
+    from fp_patch import attention
+
+    fp, ref = build_pair("llama", min_sparse_len=1024)
+    routed = []
+    real_route = attention._route
+    monkeypatch.setattr(attention, "_route", lambda *a: routed.append(a[1].shape[2]) or real_route(*a))
+    ids = text_ids(64)
+    for _ in range(3):
+        torch.testing.assert_close(forward(fp, input_ids=ids), forward(ref, input_ids=ids), atol=1e-5, rtol=1e-5)
+    assert routed == [64, 64]  # the first call of each of the two layers
+    assert torch.equal(greedy(fp, input_ids=ids), greedy(ref, input_ids=ids))  # prefill + 5 decode steps
+    assert routed == [64, 64, 1, 1]  # decode: each layer routed once, k_len growing does not matter
+    forward(fp, input_ids=text_ids(80))
+    assert routed[-2:] == [80, 80]
+    with fp_patch.record_density(fp) as rec:
+        forward(fp, input_ids=text_ids(80))
+    assert routed[-2:] == [80, 80] and len(routed) == 8
+    assert set(rec.fallback_frame()["reason"]) == {"short_query"}
+    fp_patch.configure(fp, strict=True)
+    layer = next(m for m in fp.modules() if m.__dict__.get(attention._LEAN) is not None)
+    q = torch.randn(1, layer.config.num_attention_heads, 80, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    kv = torch.randn(1, layer.config.num_key_value_heads, 80, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        attention.flashprefill_attention_forward(layer, q, kv, kv, None)  # short_query: by design
+    with pytest.raises(attention.FlashPrefillFallbackError, match="training"):
+        attention.flashprefill_attention_forward(layer, q.requires_grad_(), kv, kv, None)

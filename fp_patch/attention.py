@@ -36,7 +36,7 @@ faster for this layer and length class, so the prefill is never slower than SDPA
 
 A layer's next call with the same inputs as its last one (query shape, settings, routing arguments)
 is not routed again: a by-design dense route is repeated as is, a guard plan until the guard next
-times a path (see ``_Lean``).
+times a path (see ``_LastRoute``).
 
 Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
 ``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
@@ -107,9 +107,15 @@ def _fallback(module, reason: str, detail: str, cfg, q_len: int, k_len: int) -> 
         rec.add_fallback(module, getattr(module, "layer_idx", None), reason, q_len=q_len, k_len=k_len)
 
 
-def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+_SDPA: list = []  # Transformers' sdpa_attention_forward, imported on first use
 
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    if not _SDPA:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA.append(sdpa_attention_forward)
+    sdpa_attention_forward = _SDPA[0]
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -231,54 +237,47 @@ def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
 
 # -- a layer's steady state -------------------------------------------------------------------------
 
-_LEAN = "_flashprefill_lean"  # on the module: its last guarded call and the plan later calls may reuse
+LAST_ROUTE = "_flashprefill_last_route"  # on the module: its last call and how it ran (a _LastRoute)
 # keyword arguments whose values take part in routing: a reused plan needs the very same values
 _ROUTING_KWARGS = ("is_causal", "sliding_window", *_UNSUPPORTED_KWARGS)
 
 
-class _Lean:
+class _LastRoute:
     """One layer's last call and how it ran, which its next calls with the same inputs repeat without
     routing again: a by-design dense route (``plan`` None: whatever the keys, values and mask), or the
     speed guard's plan (no mask; until the guard next times a path, :meth:`fp_patch.speed.Plan.reuse`).
-    On a small model every microsecond of a layer's Python is part of the time to first token (in a
-    real forward pass, with the caches cold, routing plus planning cost a layer ~50 µs on the H100's
-    host, against ~50 µs for Transformers' whole SDPA call). Module attributes (``is_causal``,
-    ``sliding_window``) are taken to stay as they are."""
+    On a small model every microsecond of a layer's Python is part of the time to first token: in a
+    real forward pass (caches cold) routing and planning cost a layer ~50 µs on the H100's host, about
+    what Transformers' whole SDPA call costs. Module attributes (``is_causal``, ``sliding_window``) are
+    taken to stay as they are."""
 
-    __slots__ = ("q_shape", "k_shape", "v_shape", "dtype", "device", "cfg", "kw_keys", "kw_routing", "guard",
-                 "plan", "route", "alpha")
+    __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha", "cfg")
 
-    def __init__(self, query, key, value, kwargs, cfg, plan=None, route=None, alpha=None):
-        self.q_shape, self.k_shape, self.v_shape, self.dtype = query.shape, key.shape, value.shape, query.dtype
-        self.device, self.cfg, self.kw_keys = query.get_device(), cfg, tuple(kwargs)
+    def __init__(self, module, query, key, value, kwargs, cfg, plan=None, route=None, alpha=None):
+        self.inputs = _lean_inputs(module, query, kwargs)
+        self.kv_shapes = (key.shape, value.shape)
         self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
-        self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.dense, plan, route, alpha
+        self.guard, self.plan, self.route, self.alpha, self.cfg = SPEED_GUARD.dense, plan, route, alpha, cfg
 
-    def matches(self, module, query, key, value, attention_mask, dropout, kwargs) -> bool:
-        """The call routes as the stored one did: same query shape, dtype, device, settings, routing
-        arguments, no dropout, gradients or recording; for a guard plan also the same keys and values,
-        no mask, the same guard state, a repeat left, and a device the guard can time (not capturing)."""
-        if not (
-            query.shape == self.q_shape
-            and query.dtype == self.dtype
-            and query.get_device() == self.device
-            and module.__dict__.get(MODULE_ATTR) is self.cfg
-            and tuple(kwargs) == self.kw_keys
-            and all(kwargs[name] is routing for name, routing in self.kw_routing)
-            and not dropout
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-            and active_recorder() is None
-        ):
+    def matches(self, key, value, attention_mask, kwargs) -> bool:
+        """Given equal :func:`_lean_inputs` and no dropout, gradients or recording (checked by the caller):
+        the same routing arguments; for a guard plan also the same keys and values, no mask, the same
+        guard state and a repeat left."""
+        if self.kw_routing and not all(kwargs[name] is v for name, v in self.kw_routing):
             return False
         plan = self.plan
         return plan is None or (
             plan.repeat > 0
             and attention_mask is None
-            and key.shape == self.k_shape
-            and value.shape == self.v_shape
+            and (key.shape, value.shape) == self.kv_shapes
             and SPEED_GUARD.dense is self.guard
-            and SPEED_GUARD.usable(query)
         )
+
+
+def _lean_inputs(module, query, kwargs) -> tuple:
+    """What a repeated call must share with the stored one (compared as one tuple; the settings object
+    by identity first, so unchanged settings cost nothing)."""
+    return (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
 
 
 # -- the attention function -------------------------------------------------------------------------
@@ -342,15 +341,23 @@ def flashprefill_attention_forward(
     compiling = _compiling()
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    lean = None if compiling else module.__dict__.get(_LEAN)
-    if lean is not None and lean.matches(module, query, key, value, attention_mask, dropout, kwargs):
+    lean = None if compiling else module.__dict__.get(LAST_ROUTE)
+    if (
+        lean is not None
+        and lean.inputs == _lean_inputs(module, query, kwargs)
+        and not dropout
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+        and active_recorder() is None
+        and lean.matches(key, value, attention_mask, kwargs)
+    ):
         plan = lean.plan
         if plan is None:  # a by-design dense route
             return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        plan.reuse()
-        if plan.path == "dense":
-            return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
-        return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
+        if SPEED_GUARD.usable(query):  # not while capturing a CUDA graph
+            plan.reuse()
+            if plan.path == "dense":
+                return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
+            return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
     cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     q_len, k_len = query.shape[2], key.shape[2]
@@ -368,7 +375,7 @@ def flashprefill_attention_forward(
     if isinstance(route[0], str):
         _fallback(module, route[0], route[1], cfg, q_len, k_len)
         if route[0] in BY_DESIGN and not compiling:
-            module.__dict__[_LEAN] = _Lean(query, key, value, kwargs, cfg)
+            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, cfg)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     k_eff = route[0]
@@ -378,9 +385,9 @@ def flashprefill_attention_forward(
         # decided before any tensor work: a layer the guard runs dense costs about what SDPA costs
         plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
         if attention_mask is None:
-            module.__dict__[_LEAN] = _Lean(query, key, value, kwargs, cfg, plan, route, alpha)
+            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, cfg, plan, route, alpha)
         else:
-            module.__dict__.pop(_LEAN, None)
+            module.__dict__.pop(LAST_ROUTE, None)
         if plan.path == "dense":
             return SPEED_GUARD.run(
                 plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)

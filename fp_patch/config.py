@@ -263,7 +263,10 @@ def configure(model, config: FlashPrefillConfig | None = None, **overrides) -> F
             "for a dict use FlashPrefillConfig.from_dict(...)"
         )
     modules = _decoder_attention_modules(model)
-    cfg = (config or config_for_module(modules[0])).replace(**overrides)
+    if config is not None and not overrides:
+        cfg = config  # frozen: shared as is
+    else:
+        cfg = (config or config_for_module(modules[0])).replace(**overrides)
     for module in modules:
         if getattr(module, MODULE_ATTR, None) != cfg:  # equal settings keep their object (and what hangs on it)
             setattr(module, MODULE_ATTR, cfg)

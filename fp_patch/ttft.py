@@ -233,25 +233,41 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     """
     import fp_patch
     from fp_patch import speed
+    from fp_patch.attention import LAST_ROUTE
+    from fp_patch.config import is_decoder_attention
 
     rows = [] if rows is None else rows
     defaults = fp_patch.defaults_for(model.config.model_type)
     alpha = args.alpha if args.alpha is not None else defaults.alpha
     variants = [v for v in _variants(args.densities) if v[1] == "sdpa" or not args.only or v[1] in args.only]
+    settings = {label: defaults.replace(alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
+                for _, label, guard, _ in variants if guard is not None}
+    layers = [m for m in model.modules() if is_decoder_attention(m)]
+
+    def swap_routes(routes: list | None) -> list:
+        """Put in a variant's own last route per layer (``None``: none yet); return the current ones."""
+        current = [m.__dict__.pop(LAST_ROUTE, None) for m in layers]
+        for m, route in zip(layers, routes or [], strict=False):
+            if route is not None:
+                m.__dict__[LAST_ROUTE] = route
+        return current
 
     @contextlib.contextmanager
     def active(variant, states: dict):
-        """The model set up as ``variant``, with that variant's own speed-guard measurements in place."""
+        """The model set up as ``variant``, with that variant's own settings object, speed-guard
+        measurements and layers' last routes in place (as if it ran alone)."""
         impl, label, guard, density = variant
         model.set_attn_implementation(impl)
         if impl == "flashprefill":
-            fp_patch.configure(model, alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
-        states[label] = speed.GUARD.swap(states[label])
+            fp_patch.configure(model, settings[label])
+        guard_state, routes = states[label] or (None, None)
+        states[label] = (speed.GUARD.swap(guard_state), swap_routes(routes))
         try:
             with fixed_density(density):
                 yield
         finally:
-            states[label] = speed.GUARD.swap(states[label])
+            guard_state, routes = states[label]
+            states[label] = (speed.GUARD.swap(guard_state), swap_routes(routes))
 
     for length in args.lengths:
         inputs, number = _inputs(model, tokenizer, length, args.device)

@@ -335,7 +335,7 @@ def test_steady_state_reuses_the_plan_and_anything_new_asks_again(fake_guard, mo
 
     def leave_reuses():  # on every layer, whatever its last plan was
         for module in fp.modules():
-            lean = module.__dict__.get(attention._LEAN)
+            lean = module.__dict__.get(attention.LAST_ROUTE)
             if lean is not None:
                 lean.plan.repeat = 5
 
@@ -357,19 +357,19 @@ def test_steady_state_reuses_the_plan_and_anything_new_asks_again(fake_guard, mo
     assert len(calls) == 2 and rec.density() == rec.density()
 
     fake_guard.cost = {"sparse": 1.0, "dense": 2.0}  # settle on sparse: a wrong reuse would show
-    layer = next(m for m in fp.modules() if m.__dict__.get(attention._LEAN) is not None)
+    layer = next(m for m in fp.modules() if m.__dict__.get(attention.LAST_ROUTE) is not None)
     heads, kv_heads = layer.config.num_attention_heads, layer.config.num_key_value_heads
     q = torch.randn(1, heads, 256, layer.head_dim, device=DEVICE, dtype=DTYPE)
     kv = torch.randn(1, kv_heads, 256, layer.head_dim, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         for _ in range(speed.MEASURED_CALLS + 2):
             attention.flashprefill_attention_forward(layer, q, kv, kv, None, is_causal=True)
-        assert layer.__dict__[attention._LEAN].plan.path == "sparse"
-        layer.__dict__[attention._LEAN].plan.repeat = 5
+        assert layer.__dict__[attention.LAST_ROUTE].plan.path == "sparse"
+        layer.__dict__[attention.LAST_ROUTE].plan.repeat = 5
         asked.clear()
         # same keyword names, another value that routes: not causal -> dense, without asking
         out, _ = attention.flashprefill_attention_forward(layer, q, kv, kv, None, is_causal=False)
-    assert asked == [] and layer.__dict__[attention._LEAN].plan is None  # routed: now a by-design dense route
+    assert asked == [] and layer.__dict__[attention.LAST_ROUTE].plan is None  # routed: now a by-design dense route
     want, _ = attention._sdpa(layer, q, kv, kv, None, 0.0, None, {"is_causal": False})
     torch.testing.assert_close(out, want)
 
@@ -397,7 +397,7 @@ def test_by_design_dense_routes_are_repeated_without_routing(monkeypatch):
     assert routed[-2:] == [80, 80] and len(routed) == 8
     assert set(rec.fallback_frame()["reason"]) == {"short_query"}
     fp_patch.configure(fp, strict=True)
-    layer = next(m for m in fp.modules() if m.__dict__.get(attention._LEAN) is not None)
+    layer = next(m for m in fp.modules() if m.__dict__.get(attention.LAST_ROUTE) is not None)
     q = torch.randn(1, layer.config.num_attention_heads, 80, layer.head_dim, device=DEVICE, dtype=DTYPE)
     kv = torch.randn(1, layer.config.num_key_value_heads, 80, layer.head_dim, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():

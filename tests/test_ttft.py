@@ -174,6 +174,29 @@ def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeyp
     assert [len(r["ttft_all_s"]) for r in rows] == [3, 3, 3]
 
 
+def test_each_variant_keeps_its_own_settings_object_and_last_routes(tiny, monkeypatch):
+    """A layer repeats its last route only for the same settings object; taking turns call by call, the
+    variants would make every call route again unless each keeps its own (as if it ran alone)."""
+    from fp_patch import attention
+    from fp_patch.config import is_decoder_attention
+
+    routed, timing = [], [False]
+    real_route, real_ttft = attention._route, ttft.ttft
+    monkeypatch.setattr(attention, "_route", lambda *a: (routed.append(1) if timing[0] else None) or real_route(*a))
+
+    def timed(*a):
+        timing[0] = True
+        try:
+            return real_ttft(*a)
+        finally:
+            timing[0] = False
+
+    monkeypatch.setattr(ttft, "ttft", timed)
+    ttft.run_lengths(tiny, None, tiny_args(repeats=3, min_sparse_len=4096), log=lambda _: None)  # all short
+    layers = sum(is_decoder_attention(m) for m in tiny.modules())
+    assert layers == 2 and len(routed) == 2 * layers  # each flashprefill variant: each layer's first call only
+
+
 def test_only_keeps_sdpa_and_the_named_rows(tiny):
     args = tiny_args(model="llama8b", densities=[0.5], only=["flashprefill @50% fixed"])
     rows = ttft.run_lengths(tiny, None, args, log=lambda _: None)

@@ -353,11 +353,11 @@ def flashprefill_attention_forward(
         plan = lean.plan
         if plan is None:  # a by-design dense route
             return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        if SPEED_GUARD.usable(query):  # not while capturing a CUDA graph
-            plan.reuse()
-            if plan.path == "dense":
-                return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
-            return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
+        # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
+        plan.reuse()
+        if plan.path == "dense":
+            return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
+        return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
     cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     q_len, k_len = query.shape[2], key.shape[2]

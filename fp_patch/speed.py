@@ -6,8 +6,9 @@ host is (a tiny model is bound by kernel launches, not by the GPU), and on the l
 which is known only after selection. A crossover guessed once is wrong somewhere, which is how
 sparse prefill ends up slower than dense; the guard measures instead.
 
-How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, while
-:func:`fp_patch.record_density` records, and with ``FlashPrefillConfig(speed_guard=False)``):
+How (CUDA only, eager only; off under ``torch.compile``, while :func:`fp_patch.record_density`
+records, and with ``FlashPrefillConfig(speed_guard=False)``; during CUDA-graph capture it neither
+measures nor decides, only a settled layer's plan is repeated, see the last point):
 
 * The time of an attention call is taken with two CUDA events on the call's stream and read back
   later, when ``Event.query()`` says both have passed: no host synchronisation is added. A call
@@ -29,6 +30,7 @@ How (CUDA only, eager only; off under ``torch.compile``, CUDA-graph capture, whi
 * Between those timed calls a layer's plan stands (``Plan.repeat``): the attention function runs
   the next calls with the same inputs on it without routing or asking again (a small model's
   prefill is bound by the host, where every microsecond per layer shows in the time to first token).
+  Such calls time nothing, so a CUDA graph captured then records the layer's current choice.
 
 :func:`summary` lists the decisions; :func:`reset` forgets every estimate.
 """

@@ -53,8 +53,10 @@ import logging
 import weakref
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .config import MODULE_ATTR, config_for_module
+from .recording import _ACTIVE as _RECORDERS
 from .recording import active_recorder
 from .speed import GUARD as SPEED_GUARD
 
@@ -107,15 +109,7 @@ def _fallback(module, reason: str, detail: str, cfg, q_len: int, k_len: int) -> 
         rec.add_fallback(module, getattr(module, "layer_idx", None), reason, q_len=q_len, k_len=k_len)
 
 
-_SDPA: list = []  # Transformers' sdpa_attention_forward, imported on first use
-
-
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
-    if not _SDPA:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        _SDPA.append(sdpa_attention_forward)
-    sdpa_attention_forward = _SDPA[0]
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -245,39 +239,21 @@ _ROUTING_KWARGS = ("is_causal", "sliding_window", *_UNSUPPORTED_KWARGS)
 class _LastRoute:
     """One layer's last call and how it ran, which its next calls with the same inputs repeat without
     routing again: a by-design dense route (``plan`` None: whatever the keys, values and mask), or the
-    speed guard's plan (no mask; until the guard next times a path, :meth:`fp_patch.speed.Plan.reuse`).
-    On a small model every microsecond of a layer's Python is part of the time to first token: in a
-    real forward pass (caches cold) routing and planning cost a layer ~50 µs on the H100's host, about
-    what Transformers' whole SDPA call costs. Module attributes (``is_causal``, ``sliding_window``) are
-    taken to stay as they are."""
+    speed guard's plan (no mask, the same keys and values; until the guard next times a path,
+    :meth:`fp_patch.speed.Plan.reuse`). On a small model every microsecond of a layer's Python is part
+    of the time to first token: in a real forward pass (caches cold) routing and planning cost a layer
+    ~50 µs on the H100's host, about what Transformers' whole SDPA call costs; the check in
+    :func:`flashprefill_attention_forward` is written to run few Python frames. Module attributes
+    (``is_causal``, ``sliding_window``) are taken to stay as they are."""
 
     __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha", "cfg")
 
     def __init__(self, module, query, key, value, kwargs, cfg, plan=None, route=None, alpha=None):
-        self.inputs = _lean_inputs(module, query, kwargs)
+        # compared as one tuple; the settings object by identity first, so unchanged settings cost nothing
+        self.inputs = (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
         self.kv_shapes = (key.shape, value.shape)
         self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
         self.guard, self.plan, self.route, self.alpha, self.cfg = SPEED_GUARD.dense, plan, route, alpha, cfg
-
-    def matches(self, key, value, attention_mask, kwargs) -> bool:
-        """Given equal :func:`_lean_inputs` and no dropout, gradients or recording (checked by the caller):
-        the same routing arguments; for a guard plan also the same keys and values, no mask, the same
-        guard state and a repeat left."""
-        if self.kw_routing and not all(kwargs[name] is v for name, v in self.kw_routing):
-            return False
-        plan = self.plan
-        return plan is None or (
-            plan.repeat > 0
-            and attention_mask is None
-            and (key.shape, value.shape) == self.kv_shapes
-            and SPEED_GUARD.dense is self.guard
-        )
-
-
-def _lean_inputs(module, query, kwargs) -> tuple:
-    """What a repeated call must share with the stored one (compared as one tuple; the settings object
-    by identity first, so unchanged settings cost nothing)."""
-    return (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
 
 
 # -- the attention function -------------------------------------------------------------------------
@@ -338,26 +314,36 @@ def flashprefill_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Transformers attention function for ``attn_implementation="flashprefill"`` (see module docstring)."""
-    compiling = _compiling()
+    compiling = torch.compiler.is_compiling()
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    lean = None if compiling else module.__dict__.get(LAST_ROUTE)
+    last = None if compiling else module.__dict__.get(LAST_ROUTE)
+    # a repeat of the layer's last call (see _LastRoute): kept inline, every Python frame costs here
     if (
-        lean is not None
-        and lean.inputs == _lean_inputs(module, query, kwargs)
+        last is not None
+        and last.inputs == (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR),
+                            tuple(kwargs))
         and not dropout
         and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and active_recorder() is None
-        and lean.matches(key, value, attention_mask, kwargs)
+        and not _RECORDERS
+        and (not last.kw_routing or all(kwargs[name] is v for name, v in last.kw_routing))
     ):
-        plan = lean.plan
+        plan = last.plan
         if plan is None:  # a by-design dense route
-            return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
-        plan.reuse()
-        if plan.path == "dense":
-            return _sdpa(module, query, key, value, None, dropout, scaling, kwargs)
-        return _sparse(query, key, value, lean.route, lean.cfg, lean.alpha, scaling), None
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        if (
+            plan.repeat > 0
+            and attention_mask is None
+            and (key.shape, value.shape) == last.kv_shapes
+            and SPEED_GUARD.dense is last.guard
+        ):
+            # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
+            plan.reuse()
+            if plan.path == "dense":
+                return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                              **kwargs)
+            return _sparse(query, key, value, last.route, last.cfg, last.alpha, scaling), None
     cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     q_len, k_len = query.shape[2], key.shape[2]

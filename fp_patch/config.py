@@ -63,9 +63,10 @@ class FlashPrefillConfig:
             or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
         speed_guard: on CUDA, time the sparse and the dense path of each layer and length class (CUDA
             events, read back without a host sync) and run the faster one, so prefill is never
-            slower than dense SDPA (see :mod:`fp_patch.speed`). ``False`` runs every eligible call
-            sparse, e.g. to study accuracy at a fixed sparsity. Off under ``torch.compile``, CUDA
-            graph capture and :func:`fp_patch.record_density`, and on the CPU.
+            slower than dense SDPA where it measured (see :mod:`fp_patch.speed`). ``False`` runs every
+            eligible call sparse, e.g. to study accuracy at a fixed sparsity. Off under
+            ``torch.compile`` and :func:`fp_patch.record_density`, and on the CPU; during CUDA-graph
+            capture it measures nothing (a settled layer's choice is captured, others run sparse).
         strict: raise :class:`fp_patch.FlashPrefillFallbackError` instead of silently running dense
             SDPA when a call that should be sparse cannot be (unsupported head dim, mask, device...).
             Calls that are dense by design (decode, short or non-causal queries, sliding-window and

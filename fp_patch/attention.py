@@ -246,14 +246,20 @@ class _LastRoute:
     :func:`flashprefill_attention_forward` is written to run few Python frames. Module attributes
     (``is_causal``, ``sliding_window``) are taken to stay as they are."""
 
-    __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha", "cfg")
+    __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha")
 
-    def __init__(self, module, query, key, value, kwargs, cfg, plan=None, route=None, alpha=None):
-        # compared as one tuple; the settings object by identity first, so unchanged settings cost nothing
+    def __init__(self, module, query, key, value, kwargs, plan=None, route=None, alpha=None):
+        # compared as one tuple (built the same way in flashprefill_attention_forward); the settings
+        # object by identity first, so unchanged settings cost nothing
         self.inputs = (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
         self.kv_shapes = (key.shape, value.shape)
         self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
-        self.guard, self.plan, self.route, self.alpha, self.cfg = SPEED_GUARD.dense, plan, route, alpha, cfg
+        self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.dense, plan, route, alpha
+
+    @property
+    def cfg(self):
+        """The settings the call ran with (part of :attr:`inputs`)."""
+        return self.inputs[3]
 
 
 # -- the attention function -------------------------------------------------------------------------
@@ -333,13 +339,12 @@ def flashprefill_attention_forward(
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
         if (
-            plan.repeat > 0
-            and attention_mask is None
+            attention_mask is None
             and (key.shape, value.shape) == last.kv_shapes
             and SPEED_GUARD.dense is last.guard
+            and plan.reuse()  # last: it counts the call when a repeat is left
         ):
             # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
-            plan.reuse()
             if plan.path == "dense":
                 return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                               **kwargs)
@@ -361,7 +366,7 @@ def flashprefill_attention_forward(
     if isinstance(route[0], str):
         _fallback(module, route[0], route[1], cfg, q_len, k_len)
         if route[0] in BY_DESIGN and not compiling:
-            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, cfg)
+            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     k_eff = route[0]
@@ -371,7 +376,7 @@ def flashprefill_attention_forward(
         # decided before any tensor work: a layer the guard runs dense costs about what SDPA costs
         plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
         if attention_mask is None:
-            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, cfg, plan, route, alpha)
+            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, plan, route, alpha)
         else:
             module.__dict__.pop(LAST_ROUTE, None)
         if plan.path == "dense":

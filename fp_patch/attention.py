@@ -36,7 +36,7 @@ faster for this layer and length class, so the prefill is never slower than SDPA
 
 A layer's next call with the same inputs as its last one (query shape, settings, routing arguments)
 is not routed again: a by-design dense route is repeated as is, a guard plan until the guard next
-times a path (see ``_LastRoute``).
+times a path, and then the guard is asked again on the same route (see ``_LastRoute``).
 
 Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
 ``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
@@ -240,11 +240,11 @@ class _LastRoute:
     """One layer's last call and how it ran, which its next calls with the same inputs repeat without
     routing again: a by-design dense route (``plan`` None: whatever the keys, values and mask), or the
     speed guard's plan (no mask, the same keys and values; until the guard next times a path,
-    :meth:`fp_patch.speed.Plan.reuse`). On a small model every microsecond of a layer's Python is part
-    of the time to first token: in a real forward pass (caches cold) routing and planning cost a layer
-    ~50 µs on the H100's host, about what Transformers' whole SDPA call costs; the check in
-    :func:`flashprefill_attention_forward` is written to run few Python frames. Module attributes
-    (``is_causal``, ``sliding_window``) are taken to stay as they are."""
+    :meth:`fp_patch.speed.Plan.reuse`, and then the guard is asked on the same route). On a small model
+    every microsecond of a layer's Python is part of the time to first token: in a real forward pass
+    (caches cold) routing and planning cost a layer ~50 µs on the H100's host, about what Transformers'
+    whole SDPA call costs; the check in :func:`flashprefill_attention_forward` is written to run few
+    Python frames. Module attributes (``is_causal``, ``sliding_window``) are taken to stay as they are."""
 
     __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha")
 
@@ -338,17 +338,19 @@ def flashprefill_attention_forward(
         if plan is None:  # a by-design dense route
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-        if (
-            attention_mask is None
-            and (key.shape, value.shape) == last.kv_shapes
-            and SPEED_GUARD.dense is last.guard
-            and plan.reuse()  # last: it counts the call when a repeat is left
-        ):
-            # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
-            if plan.path == "dense":
-                return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                              **kwargs)
-            return _sparse(query, key, value, last.route, last.cfg, last.alpha, scaling), None
+        if attention_mask is None and (key.shape, value.shape) == last.kv_shapes and SPEED_GUARD.dense is last.guard:
+            if plan.reuse():
+                # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
+                if plan.path == "dense":
+                    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                                  **kwargs)
+                return _sparse(query, key, value, last.route, last.cfg, last.alpha, scaling), None
+            if SPEED_GUARD.usable(query):  # no repeat left: the route stands, the guard is asked again
+                plan = last.plan = SPEED_GUARD.plan(
+                    module, getattr(module, "layer_idx", None), query, last.route[0], last.alpha, False
+                )
+                return _run_plan(plan, module, query, key, value, None, dropout, scaling, kwargs, last.route,
+                                 last.cfg, last.alpha)
     cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     q_len, k_len = query.shape[2], key.shape[2]
@@ -379,11 +381,7 @@ def flashprefill_attention_forward(
             module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, plan, route, alpha)
         else:
             module.__dict__.pop(LAST_ROUTE, None)
-        if plan.path == "dense":
-            return SPEED_GUARD.run(
-                plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-            )
-        return SPEED_GUARD.run(plan, query.device, lambda: _sparse(query, key, value, route, cfg, alpha, scaling)), None
+        return _run_plan(plan, module, query, key, value, attention_mask, dropout, scaling, kwargs, route, cfg, alpha)
     want_info = rec is not None and rec.wants_info
     result = _sparse(query, key, value, route, cfg, alpha, scaling, want_info)
     out, info = result if want_info else (result, None)
@@ -399,6 +397,15 @@ def flashprefill_attention_forward(
             q=query.transpose(1, 2), k=key.transpose(1, 2)[:, :k_eff], scale=scale, kv_start=kv_start, kv_end=kv_end,
         )
     return out, None
+
+
+def _run_plan(plan, module, query, key, value, attention_mask, dropout, scaling, kwargs, route, cfg, alpha):
+    """The speed guard's ``plan`` for a call routed sparse (timed when the plan says so)."""
+    if plan.path == "dense":
+        return SPEED_GUARD.run(
+            plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        )
+    return SPEED_GUARD.run(plan, query.device, lambda: _sparse(query, key, value, route, cfg, alpha, scaling)), None
 
 
 def _sparse(query, key, value, route, cfg, alpha: float, scaling, want_info: bool = False):

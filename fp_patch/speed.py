@@ -10,9 +10,14 @@ How (CUDA only, eager only; off under ``torch.compile``, while :func:`fp_patch.r
 records, and with ``FlashPrefillConfig(speed_guard=False)``; during CUDA-graph capture it neither
 measures nor decides, only a settled layer's plan is repeated, see the last point):
 
-* The time of an attention call is taken with two CUDA events on the call's stream and read back
-  later, when ``Event.query()`` says both have passed: no host synchronisation is added. A call
-  whose host side took long (a Triton compilation, a cuDNN plan) while the GPU waited is not used.
+* The cost of an attention call is what it adds to the forward pass: its GPU time (two CUDA events
+  on the call's stream, read back later, when ``Event.query()`` says both have passed: no host
+  synchronisation is added) or its host time (Python and kernel launches, ``perf_counter``), whichever
+  is longer. A large model keeps the GPU busy and the host's time is hidden behind it; a small one
+  (SmolLM2-135M below ~32K tokens) is bound by the host issuing kernels, where the sparse path's three
+  Triton launches cost more than the GPU time they save, which GPU time alone would not show. A call
+  whose host side stalled (a Triton compilation, autotuning) for over :data:`HOST_STALL_MS` while the
+  GPU waited is not used.
 * Times are normalised per causal (query, key) pair of the call and kept per *length class*
   (``Lq`` and ``Lk`` rounded up to a power of two): the dense cost per shape class (device, dtype,
   batch, heads, head dim, mask or not), shared by all layers, since dense attention costs the same
@@ -21,16 +26,18 @@ measures nor decides, only a settled layer's plan is repeated, see the last poin
   dense (measured); until a layer's sparse estimate has two, it runs sparse (measured). The second
   measurement replaces the first, which is often cold (a cuDNN plan, allocator growth, a first
   launch). Then each layer runs the cheaper one. Every :data:`RECHECK`-th call of a layer (staggered
-  across layers) times the path it runs (two events, so a rising density is noticed) and, half a
-  period later, runs and times the other path (so a falling one is noticed too); where one path
-  costs over :data:`CLEAR_MARGIN` times the other, the other path is tried only every
-  ``RECHECK * CLEAR_RECHECK``-th call, since each try costs the whole difference. So the first two
-  forward passes of a new length class are sparse in all layers but two; the guard decides from
+  across layers) runs and times the other path, so a change is noticed; where one path costs over
+  :data:`CLEAR_MARGIN` times the other, only every ``RECHECK * CLEAR_RECHECK``-th, and over
+  :data:`FAR_MARGIN` times every ``RECHECK * FAR_RECHECK``-th (each try costs the whole difference).
+  Half a period after each try the path the layer runs is timed (two events), and a sparse one every
+  ``RECHECK`` calls whatever the margin, since its cost follows the prompt's density. So the first
+  two forward passes of a new length class are sparse in all layers but two; the guard decides from
   the third.
 * Between those timed calls a layer's plan stands (``Plan.repeat``): the attention function runs
-  the next calls with the same inputs on it without routing or asking again (a small model's
-  prefill is bound by the host, where every microsecond per layer shows in the time to first token).
-  Such calls time nothing, so a CUDA graph captured then records the layer's current choice.
+  the next calls with the same inputs on it without routing or asking again, and then asks again
+  without routing again (a small model's prefill is bound by the host, where every microsecond per
+  layer shows in the time to first token). Such calls time nothing, so a CUDA graph captured then
+  records the layer's current choice.
 
 :func:`summary` lists the decisions; :func:`reset` forgets every estimate.
 """
@@ -49,8 +56,10 @@ logger = logging.getLogger(__name__)
 RECHECK = 32  # every RECHECK-th call of a layer and length class measures the path it is not using
 CLEAR_MARGIN = 1.5  # ... unless one path costs this many times the other: then every RECHECK * CLEAR_RECHECK-th
 CLEAR_RECHECK = 8
+FAR_MARGIN = 4.0  # ... or this many times: every RECHECK * FAR_RECHECK-th
+FAR_RECHECK = 32
 OUTLIER = 3.0  # a time this far from the estimate is kept apart once (one noisy or cold call)
-HOST_STALL_MS = 2.0  # a call whose host side took longer is not used unless its GPU time dwarfs that
+HOST_STALL_MS = 50.0  # a call whose host side took longer (a compilation) is not used unless its GPU time dwarfs that
 MEASURED_CALLS = 3  # each estimate is measured on this many calls before it is trusted without timing
 _MAX_PENDING = 4096
 _MODULE_CACHE = "_flashprefill_speed_guard"  # (guard estimates, call signature, (state, dense, units))
@@ -124,6 +133,14 @@ class Plan:
         return True
 
 
+def recheck_period(margin: float) -> int:
+    """Calls between two tries of the path a layer does not run, given how many times its cost is the
+    other's (``margin >= 1``)."""
+    if margin < CLEAR_MARGIN:
+        return RECHECK
+    return RECHECK * (CLEAR_RECHECK if margin < FAR_MARGIN else FAR_RECHECK)
+
+
 def _calls_until(turn: int, period: int, residue: int) -> int:
     """The smallest ``d >= 1`` with ``(turn + d) % period == residue``."""
     return (residue - turn - 1) % period + 1
@@ -148,7 +165,8 @@ class CudaTimer:
         return event, stream, time.perf_counter()
 
     def stop(self, token):
-        """A callable: the call's GPU milliseconds once known, ``None`` before, ``nan`` when unusable."""
+        """A callable: the call's cost in ms (the longer of its GPU and host times) once known, ``None``
+        before, ``nan`` when unusable."""
         start, stream, t0 = token
         host_ms = (time.perf_counter() - t0) * 1e3
         end = torch.cuda.Event(enable_timing=True)
@@ -157,17 +175,21 @@ class CudaTimer:
         def read():
             if not end.query():
                 return None
-            gpu_ms = start.elapsed_time(end)
-            # a long host side (compilation, cuDNN plan) may have left the GPU waiting inside the window
-            if host_ms > HOST_STALL_MS and gpu_ms < 3 * host_ms:
-                return float("nan")
-            return gpu_ms
+            return call_cost(start.elapsed_time(end), host_ms)
 
         return read
 
 
+def call_cost(gpu_ms: float, host_ms: float) -> float:
+    """What a call adds to the forward pass: its GPU or its host time, whichever is longer (``nan``
+    for a host stall, a compilation, that left the GPU waiting inside the window)."""
+    if host_ms > HOST_STALL_MS and gpu_ms < 3 * host_ms:
+        return float("nan")
+    return max(gpu_ms, host_ms)
+
+
 class SpeedGuard:
-    """Chooses sparse or dense per call from measured GPU times (see the module docstring)."""
+    """Chooses sparse or dense per call from measured costs (see the module docstring)."""
 
     def __init__(self, timer=None):
         self.timer = timer or CudaTimer()
@@ -221,17 +243,18 @@ class SpeedGuard:
         self._note_choice(state, best, sparse.value * units, dense.value * units)
         turn = state.calls + (layer_idx or 0)  # staggered: layers recheck in different passes
         # running the other path costs its whole difference: rarely where the choice is clear
-        margin = max(sparse.value, dense.value) / max(min(sparse.value, dense.value), 1e-12)
-        period = RECHECK if margin < CLEAR_MARGIN else RECHECK * CLEAR_RECHECK
+        period = recheck_period(max(sparse.value, dense.value) / max(min(sparse.value, dense.value), 1e-12))
         if turn % period == 0:
             return Plan(other, dense if other == "dense" else sparse, units, layer=state)
         chosen = dense if best == "dense" else sparse
-        # timing the path that runs anyway costs two events: keep it fresh (e.g. density rising)
-        if chosen.count < MEASURED_CALLS or turn % RECHECK == RECHECK // 2:
+        # timing the path that runs anyway costs two events: sparse every RECHECK calls (its cost follows the
+        # prompt's density), dense, whose cost does not depend on the content, once a period
+        timing = RECHECK if best == "sparse" else period
+        if chosen.count < MEASURED_CALLS or turn % timing == timing // 2:
             return Plan(best, chosen, units, layer=state)
         # the calls before this layer next times a path would all get this plan (the estimates may move
-        # meanwhile through other layers' measurements; the choice is revisited at least every RECHECK // 2)
-        repeat = min(_calls_until(turn, period, 0), _calls_until(turn, RECHECK, RECHECK // 2)) - 1
+        # meanwhile through other layers' measurements; the choice is revisited when it next times a path)
+        repeat = min(_calls_until(turn, period, 0), _calls_until(turn, timing, timing // 2)) - 1
         return Plan(best, None, units, repeat, layer=state)
 
     def _lookup(self, module, layer_idx, query: torch.Tensor, k_len: int, alpha: float, masked: bool):

@@ -258,29 +258,49 @@ def test_swap_keeps_measurement_sets_apart(layers):
     assert {r["q_len_max"] for r in guard.summary()} == {8192}
 
 
-def test_a_clear_loser_is_retried_rarely_and_the_running_path_stays_timed(layers):
-    """Sparse 3x dense: running it to recheck costs the whole difference, so it is retried only every
-    RECHECK * CLEAR_RECHECK calls; the path that runs is still timed every RECHECK calls (two events),
-    so a change in its own cost is noticed."""
-    timer = FakeTimer(sparse=6.0, dense=2.0)
+@pytest.mark.parametrize("sparse_cost, period", [(6.0, speed.RECHECK * speed.CLEAR_RECHECK),
+                                                  (10.0, speed.RECHECK * speed.FAR_RECHECK)])
+def test_a_clear_loser_is_retried_rarely_and_dense_is_timed_once_a_period(layers, sparse_cost, period):
+    """Sparse 3x (5x) dense: running it to recheck costs the whole difference, so it is retried only
+    once per long period; dense, whose cost does not follow the content, is timed once per period too."""
+    assert speed.recheck_period(sparse_cost / 2.0) == period
+    timer = FakeTimer(sparse=sparse_cost, dense=2.0)
     guard = speed.SpeedGuard(timer)
-    for _ in range(3):
+    for _ in range(speed.MEASURED_CALLS + 2):
         run_pass(guard, layers, timer)
     timer.runs.clear(), timer.measured.clear()
-    for _ in range(speed.RECHECK * speed.CLEAR_RECHECK):
+    for _ in range(period):
         run_pass(guard, layers, timer)
     assert timer.runs.count("sparse") == len(layers)  # one retry per layer in the long period
-    assert timer.measured.count("dense") >= speed.CLEAR_RECHECK * len(layers) - len(layers)
+    assert timer.measured.count("sparse") == len(layers)
+    assert timer.measured.count("dense") == len(layers)  # and one timed dense call, half a period later
 
-    timer = FakeTimer(sparse=1.0, dense=4.0)  # sparse clearly faster ...
+
+def test_sparse_stays_timed_every_recheck_however_clear(layers):
+    """Sparse 4x faster: dense is retried once per long period, but the sparse path is still timed every
+    RECHECK calls (two events), so a rise of its density is noticed within a few RECHECK."""
+    timer = FakeTimer(sparse=0.5, dense=4.0)
     guard = speed.SpeedGuard(timer)
-    for _ in range(3):
+    for _ in range(speed.MEASURED_CALLS + 2):
         run_pass(guard, layers, timer)
     assert {r["runs"] for r in guard.summary()} == {"sparse"}
-    timer.cost["sparse"] = 6.0  # ... until its density rises: the timed sparse calls notice
+    timer.measured.clear()
+    for _ in range(speed.RECHECK):
+        run_pass(guard, layers, timer)
+    assert timer.measured == ["sparse"] * len(layers)
+    timer.cost["sparse"] = 6.0  # its density rises: the timed sparse calls notice (the first is an outlier)
     for _ in range(3 * speed.RECHECK):
         run_pass(guard, layers, timer)
     assert {r["runs"] for r in guard.summary()} == {"dense"}
+
+
+def test_a_call_costs_its_gpu_or_its_host_time_whichever_is_longer():
+    """A small model is bound by the host: a call's launches can cost more than its GPU time, and that is
+    what it adds to the forward pass. A compilation stall is dropped, not counted."""
+    assert speed.call_cost(gpu_ms=3.0, host_ms=0.2) == 3.0  # the GPU is the bottleneck
+    assert speed.call_cost(gpu_ms=0.05, host_ms=0.7) == 0.7  # three Triton launches on a busy host
+    assert math.isnan(speed.call_cost(gpu_ms=1.0, host_ms=speed.HOST_STALL_MS + 1))
+    assert speed.call_cost(gpu_ms=10 * speed.HOST_STALL_MS, host_ms=speed.HOST_STALL_MS + 1) == 10 * speed.HOST_STALL_MS
 
 
 # -- a layer's steady state: reusing a plan -------------------------------------------------------------
@@ -372,6 +392,34 @@ def test_steady_state_reuses_the_plan_and_anything_new_asks_again(fake_guard, mo
     assert asked == [] and layer.__dict__[attention.LAST_ROUTE].plan is None  # routed: now a by-design dense route
     want, _ = attention._sdpa(layer, q, kv, kv, None, 0.0, None, {"is_causal": False})
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("faster", ["sparse", "dense"])
+def test_a_plan_run_out_asks_the_guard_without_routing_again(fake_guard, monkeypatch, faster):
+    """When a layer's plan has no repeat left, its next call with the same inputs asks the guard again
+    (which may time it) on the route it already has: routing (settings, masks, arguments) is not redone."""
+    from fp_patch import attention
+
+    fake_guard.cost = {"sparse": 1.0, "dense": 2.0} if faster == "sparse" else {"sparse": 3.0, "dense": 2.0}
+    fp, ref = build_pair("llama", speed_guard=True)
+    ids = text_ids(256)
+    for _ in range(speed.MEASURED_CALLS + 2):
+        forward(fp, input_ids=ids)
+    routed, asked = [], []
+    real_route, real_plan = attention._route, speed.GUARD.plan
+    monkeypatch.setattr(attention, "_route", lambda *a: routed.append(a[-1]) or real_route(*a))
+    monkeypatch.setattr(speed.GUARD, "plan", lambda *a, **kw: asked.append(a[1]) or real_plan(*a, **kw))
+    lasts = [m.__dict__[attention.LAST_ROUTE] for m in fp.modules() if attention.LAST_ROUTE in m.__dict__]
+    assert len(lasts) == 2
+    for last in lasts:
+        last.plan.repeat = 0
+    got = forward(fp, input_ids=ids)
+    assert routed == [] and sorted(asked) == [0, 1]
+    assert all(last.plan.path == faster for last in lasts)
+    if faster == "dense":
+        torch.testing.assert_close(got, forward(ref, input_ids=ids), atol=1e-5, rtol=1e-5)
+    forward(fp, input_ids=text_ids(200))  # other inputs: routed again
+    assert sorted(routed) == [0, 1]
 
 
 def test_by_design_dense_routes_are_repeated_without_routing(monkeypatch):

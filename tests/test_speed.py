@@ -452,3 +452,60 @@ def test_by_design_dense_routes_are_repeated_without_routing(monkeypatch):
         attention.flashprefill_attention_forward(layer, q, kv, kv, None)  # short_query: by design
     with pytest.raises(attention.FlashPrefillFallbackError, match="training"):
         attention.flashprefill_attention_forward(layer, q.requires_grad_(), kv, kv, None)
+
+
+def count_transformers_sdpa(monkeypatch):
+    """Calls our attention function makes to Transformers' SDPA function."""
+    from fp_patch import attention
+
+    calls = []
+    real = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_repeated_dense_calls_run_torch_sdpa_as_transformers_would(fake_guard, monkeypatch):
+    """A repeated dense route for unmasked causal prefill calls torch's SDPA itself (the host time of
+    Transformers' wrapper shows on a small model): the same result, bit for bit, as the sdpa model, by
+    design-dense and guard-dense alike; a mask or a keyword Transformers acts on goes through its function."""
+    from fp_patch import attention
+
+    fp, ref = build_pair("llama", min_sparse_len=1024)  # grouped heads: enable_gqa matters
+    assert fp.config.num_attention_heads > fp.config.num_key_value_heads
+    ids = text_ids(64)
+    want = forward(ref, input_ids=ids)
+    forward(fp, input_ids=ids)  # routed, through Transformers' function
+    calls = count_transformers_sdpa(monkeypatch)
+    assert torch.equal(forward(fp, input_ids=ids), want) and calls == []
+    padded = torch.ones(1, 64, dtype=torch.long)
+    padded[0, :3] = 0
+    torch.testing.assert_close(forward(fp, input_ids=ids, attention_mask=padded),
+                               forward(ref, input_ids=ids, attention_mask=padded), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2  # a mask: Transformers' function (it is what gives masks their meaning)
+
+    layer = next(m for m in fp.modules() if m.__dict__.get(attention.LAST_ROUTE) is not None)
+    q = torch.randn(1, layer.config.num_attention_heads, 64, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    kv = torch.randn(1, layer.config.num_key_value_heads, 64, layer.head_dim, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for kwargs in ({"output_attentions": False}, {"is_causal": True}):
+            calls.clear()
+            outs = [attention.flashprefill_attention_forward(layer, q, kv, kv, None, **kwargs)[0] for _ in range(2)]
+            assert len(calls) == 2 and torch.equal(outs[0], outs[1])
+        layer.is_causal = False  # a non-causal module: never the causal shortcut
+        try:
+            calls.clear()
+            outs = [attention.flashprefill_attention_forward(layer, q, kv, kv, None)[0] for _ in range(2)]
+        finally:
+            layer.is_causal = True
+        assert len(calls) == 2
+
+    fake_guard.cost = {"sparse": 3.0, "dense": 2.0}  # the guard settles on dense
+    fp, ref = build_pair("llama", speed_guard=True)
+    ids = text_ids(256)
+    for _ in range(speed.MEASURED_CALLS + 2):
+        forward(fp, input_ids=ids)
+    for module in fp.modules():
+        if attention.LAST_ROUTE in module.__dict__:
+            module.__dict__[attention.LAST_ROUTE].plan.repeat = 5
+    calls.clear()
+    assert torch.equal(forward(fp, input_ids=ids), forward(ref, input_ids=ids)) and calls == []

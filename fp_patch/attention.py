@@ -269,7 +269,7 @@ class _LastRoute:
         self.inputs = (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
         self.kv_shapes = (key.shape, value.shape)
         self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
-        self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.layers, plan, route, alpha
+        self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.dense, plan, route, alpha
         self.direct = (
             query.device.type in ("cuda", "cpu")
             and query.shape[2] > 1
@@ -347,8 +347,6 @@ def flashprefill_attention_forward(
     if scaling is None:
         scaling = getattr(module, "scaling", None)
     last = None if compiling else module.__dict__.get(LAST_ROUTE)
-    if SPEED_GUARD.open is not None and not compiling:  # a timed call's span ends where the next layer starts
-        SPEED_GUARD.end_span(getattr(module, "layer_idx", None), query.device)
     # a repeat of the layer's last call (see _LastRoute): kept inline, every Python frame costs here
     if (
         last is not None
@@ -366,7 +364,7 @@ def flashprefill_attention_forward(
                                                     enable_gqa=last.gqa).transpose(1, 2).contiguous(), None
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-        if attention_mask is None and (key.shape, value.shape) == last.kv_shapes and SPEED_GUARD.layers is last.guard:
+        if attention_mask is None and (key.shape, value.shape) == last.kv_shapes and SPEED_GUARD.dense is last.guard:
             if plan.reuse():
                 # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
                 if plan.path == "sparse":

@@ -10,29 +10,29 @@ How (CUDA only, eager only; off under ``torch.compile``, while :func:`fp_patch.r
 records, and with ``FlashPrefillConfig(speed_guard=False)``; during CUDA-graph capture it neither
 measures nor decides, only a settled layer's plan is repeated, see the last point):
 
-* The cost of a timed call is what its layer adds to the forward pass: the time from the call's start
-  to the next layer's attention call (the call and the rest of its layer), on the GPU's clock (two
-  CUDA events on the call's stream, read back later, when ``Event.query()`` says both have passed: no
-  host synchronisation is added) or on the host's (``perf_counter``), whichever is longer; for the
-  last layer of a pass (no next layer on the same device), the call alone. A large model keeps the
-  GPU busy and the host's time is hidden behind it; a small one (SmolLM2-135M below ~32K tokens) is
-  bound by the host issuing kernels, where the sparse path's three Triton launches delay the rest of
-  the layer by more than the GPU time they save, which the call's GPU time alone would not show. A
-  measurement whose host side stalled (a Triton compilation, autotuning) for over
-  :data:`HOST_STALL_MS` while the GPU waited is not used.
-* Costs are normalised per causal (query, key) pair of the call and kept per layer, *length class*
-  (``Lq`` and ``Lk`` rounded up to a power of two; with device, dtype, batch, heads, head dim, mask or
-  not) and alpha.
-* Per eligible call: until a layer's dense estimate has two measurements it runs dense (measured),
-  then until its sparse estimate has two, sparse (measured); the second measurement replaces the
-  first, which is often cold (a cuDNN plan, allocator growth, a first launch). So the first two
-  forward passes of a new length class run dense, the next two sparse, and the spans measured compare
-  a whole pass of each. Then each layer runs the cheaper one. Every :data:`RECHECK`-th call of a layer
-  (staggered across layers) runs and times the other path, so a change is noticed; where one path
-  costs over :data:`CLEAR_MARGIN` times the other, only every ``RECHECK * CLEAR_RECHECK``-th, and over
+* The cost of an attention call is what it adds to the forward pass: its GPU time (two CUDA events
+  on the call's stream, read back later, when ``Event.query()`` says both have passed: no host
+  synchronisation is added) or its host time (Python and kernel launches, ``perf_counter``), whichever
+  is longer. A large model keeps the GPU busy and the host's time is hidden behind it; a small one
+  (SmolLM2-135M below ~32K tokens) is bound by the host issuing kernels, where the sparse path's three
+  Triton launches cost more than the GPU time they save, which GPU time alone would not show. A call
+  whose host side stalled (a Triton compilation, autotuning) for over :data:`HOST_STALL_MS` while the
+  GPU waited is not used.
+* Times are normalised per causal (query, key) pair of the call and kept per *length class*
+  (``Lq`` and ``Lk`` rounded up to a power of two): the dense cost per shape class (device, dtype,
+  batch, heads, head dim, mask or not), shared by all layers, since dense attention costs the same
+  whatever the content; the sparse cost per layer and alpha, since density differs by layer.
+* Per eligible call: until the class's dense estimate has two measurements, one layer at a time runs
+  dense (measured); until a layer's sparse estimate has two, it runs sparse (measured). The second
+  measurement replaces the first, which is often cold (a cuDNN plan, allocator growth, a first
+  launch). Then each layer runs the cheaper one. Every :data:`RECHECK`-th call of a layer (staggered
+  across layers) runs and times the other path, so a change is noticed; where one path costs over
+  :data:`CLEAR_MARGIN` times the other, only every ``RECHECK * CLEAR_RECHECK``-th, and over
   :data:`FAR_MARGIN` times every ``RECHECK * FAR_RECHECK``-th (each try costs the whole difference).
   Half a period after each try the path the layer runs is timed (two events), and a sparse one every
-  ``RECHECK`` calls whatever the margin, since its cost follows the prompt's density.
+  ``RECHECK`` calls whatever the margin, since its cost follows the prompt's density. So the first
+  two forward passes of a new length class are sparse in all layers but two; the guard decides from
+  the third.
 * Between those timed calls a layer's plan stands (``Plan.repeat``): the attention function runs
   the next calls with the same inputs on it without routing or asking again, and then asks again
   without routing again (a small model's prefill is bound by the host, where every microsecond per
@@ -102,12 +102,11 @@ class Estimate:
 
 @dataclass
 class LayerState:
-    """One layer's estimates for one length class and alpha."""
+    """One layer's sparse estimate for one length class and alpha."""
 
     layer_idx: int | None
     key: tuple
     sparse: Estimate = field(default_factory=Estimate)
-    dense: Estimate = field(default_factory=Estimate)
     calls: int = 0
     choice: str = ""
 
@@ -180,14 +179,6 @@ class CudaTimer:
 
         return read
 
-    def span(self, token):
-        """Like :meth:`stop`, from the call's start to now (the next layer's attention call): the call and
-        the rest of its layer. ``None`` while a CUDA graph is being captured (no event can be read then)."""
-        start, stream, t0 = token
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        return self.stop(token)
-
 
 def call_cost(gpu_ms: float, host_ms: float) -> float:
     """What a call adds to the forward pass: its GPU or its host time, whichever is longer (``nan``
@@ -202,12 +193,9 @@ class SpeedGuard:
 
     def __init__(self, timer=None):
         self.timer = timer or CudaTimer()
-        # the measurement set: {module: {(shape class, alpha): LayerState}}; a new object after reset/swap
+        self.dense: dict[tuple, Estimate] = {}
         self.layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pending: list[tuple] = []
-        # the last timed call, until the next attention call ends its span: (token, read of the call
-        # alone, estimate, units, layer index, device)
-        self.open: tuple | None = None
         self._logged: set[tuple] = set()
 
     def usable(self, t: torch.Tensor) -> bool:
@@ -238,22 +226,19 @@ class SpeedGuard:
         # module, so a call the guard sends to SDPA costs a few microseconds more than SDPA itself
         signature = (query.shape, query.dtype, query.get_device(), k_len, alpha, masked)
         cached = module.__dict__.get(_MODULE_CACHE)
-        if cached is not None and cached[0] is self.layers and cached[1] == signature:
-            state, units = cached[2]
+        if cached is not None and cached[0] is self.dense and cached[1] == signature:
+            state, dense, units = cached[2]
         else:
-            state, units = self._lookup(module, layer_idx, query, k_len, alpha, masked)
-            module.__dict__[_MODULE_CACHE] = (self.layers, signature, (state, units))
+            state, dense, units = self._lookup(module, layer_idx, query, k_len, alpha, masked)
+            module.__dict__[_MODULE_CACHE] = (self.dense, signature, (state, dense, units))
         state.calls += 1
-        sparse, dense = state.sparse, state.dense
+        sparse = state.sparse
         # every estimate is measured twice before it decides anything (the first call of a new shape pays
-        # for cuDNN plans, allocator growth, first launches): dense on a length class's first two calls,
-        # then sparse on two; while those results are still on their way, dense (the baseline), untimed
-        if dense.count + dense.in_flight < 2:
+        # for cuDNN plans, allocator growth, first launches); the dense one by one layer at a time
+        if dense.count < 2 and dense.in_flight == 0:
             return Plan("dense", dense, units, layer=state)
-        if sparse.count + sparse.in_flight < 2:
+        if sparse.count < 2 or dense.value is None:
             return Plan("sparse", sparse, units, layer=state)
-        if dense.count < 2 or sparse.count < 2:
-            return Plan("dense", None, units, layer=state)
         best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
         self._note_choice(state, best, sparse.value * units, dense.value * units)
         turn = state.calls + (layer_idx or 0)  # staggered: layers recheck in different passes
@@ -276,14 +261,18 @@ class SpeedGuard:
         batch, heads, q_len, dim = query.shape
         classes = (length_class(q_len), length_class(k_len))
         units = batch * heads * causal_pairs(q_len, k_len) / 1e6
+        dense_key = (query.device, query.dtype, batch, heads, dim, masked, *classes)
+        dense = self.dense.get(dense_key)
+        if dense is None:
+            dense = self.dense[dense_key] = Estimate()
         per_module = self.layers.get(module)
         if per_module is None:
             per_module = self.layers[module] = {}
-        key = ((query.device, query.dtype, batch, heads, dim, masked, *classes), alpha)
+        key = (dense_key, alpha)
         state = per_module.get(key)
         if state is None:
             state = per_module[key] = LayerState(layer_idx, key)
-        return state, units
+        return state, dense, units
 
     def _note_choice(self, state: LayerState, choice: str, sparse_ms: float, dense_ms: float) -> None:
         if choice == state.choice:
@@ -296,39 +285,27 @@ class SpeedGuard:
         )
 
     def run(self, plan: Plan, device: torch.device, fn):
-        """``fn()``, timed when the plan asks for a measurement (its span ends at the next attention call,
-        :meth:`end_span`)."""
+        """``fn()``, timed when the plan asks for a measurement."""
         if plan.estimate is None:
             return fn()
-        if self.open is not None:
-            self.end_span(None, device)
         token = self.timer.start(device, plan)
         out = fn()
         plan.estimate.in_flight += 1
-        self.open = (token, self.timer.stop(token), plan.estimate, plan.units, plan.layer.layer_idx, device)
+        self.pending.append((self.timer.stop(token), plan.estimate, plan.units))
         return out
-
-    def end_span(self, layer_idx: int | None, device: torch.device) -> None:
-        """Called at the start of every attention call while a timed call's span is open: when this is the
-        next layer's call on the same device, the timed call costs the time from its start to now (its
-        layer), otherwise (the last layer, another model) the call alone."""
-        token, read, estimate, units, timed_idx, timed_device = self.open
-        self.open = None
-        if layer_idx is not None and timed_idx is not None and layer_idx == timed_idx + 1 and device == timed_device:
-            read = self.timer.span(token) or read
-        self.pending.append((read, estimate, units))
 
     def summary(self) -> list[dict]:
         """One row per (layer, length class, alpha): the estimates (ms per million pairs and head) and
-        the path it runs (the cheaper one; ``"measuring"`` until both are measured twice)."""
+        the path its next call runs (the faster one; ``"sparse"`` while still measuring)."""
         self._harvest()
         rows = []
         for per_module in list(self.layers.values()):
             for state in per_module.values():
                 dense_key, alpha = state.key
-                sparse, dense_ms = state.sparse.value, state.dense.value
-                if state.sparse.count < 2 or state.dense.count < 2:
-                    runs = "measuring"
+                dense = self.dense.get(dense_key)
+                sparse, dense_ms = state.sparse.value, None if dense is None else dense.value
+                if state.sparse.count < 2 or dense is None or dense.count < 2:
+                    runs = "sparse"  # still measuring (plan decides from the second measurement on)
                 else:
                     runs = "sparse" if sparse <= dense_ms else "dense"
                 rows.append({
@@ -346,16 +323,16 @@ class SpeedGuard:
     def swap(self, state: tuple | None = None) -> tuple:
         """Put in another set of measurements (``None``: a fresh one) and return the current set; lets a
         benchmark interleave configurations without mixing their estimates."""
-        current = (self.layers, self.pending, self.open, self._logged)
+        current = (self.dense, self.layers, self.pending, self._logged)
         if state is None:
-            state = (weakref.WeakKeyDictionary(), [], None, set())
-        self.layers, self.pending, self.open, self._logged = state
+            state = ({}, weakref.WeakKeyDictionary(), [], set())
+        self.dense, self.layers, self.pending, self._logged = state
         return current
 
     def reset(self) -> None:
-        self.layers = weakref.WeakKeyDictionary()  # a new object: the per-module lookups of the old one no longer match
+        self.dense = {}  # a new object: the per-module lookups of the old one no longer match
+        self.layers = weakref.WeakKeyDictionary()
         self.pending.clear()
-        self.open = None
 
 
 GUARD = SpeedGuard()

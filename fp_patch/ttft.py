@@ -21,7 +21,7 @@ Rows per length: ``sdpa``; ``flashprefill`` (the default, speed guard on: layers
 measured faster run dense); ``flashprefill/sparse`` (``speed_guard=False``: every layer sparse).
 The first call of each (kernel compilation, first measurements) is reported apart from the steady
 state (median of ``--repeats`` calls); ``--warmup N`` reports the first N apart (the speed guard
-measures dense on the first two calls of a new length class and sparse on the next two).
+measures both paths on the first two calls of a new length class, a third may still finish that).
 ``--ten-lengths L`` times ten prompts of ten different lengths near ``L`` against ten of one
 length, and counts Triton compilations. ``--profile`` splits the GPU time of one prefill into index
 building, sparse attention, dense attention and the rest.

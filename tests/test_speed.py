@@ -19,16 +19,13 @@ from fp_patch import speed
 
 
 class FakeTimer:
-    """Costs per path in ms per million (pair x head) units; a span (the call and the rest of its layer)
-    adds ``rest[path]``; ``ready`` False holds results back."""
+    """Times per path in ms per million (pair x head) units; ``ready`` False holds results back."""
 
     def __init__(self, sparse: float, dense: float):
         self.cost = {"sparse": sparse, "dense": dense}
-        self.rest = {"sparse": 0.0, "dense": 0.0}
         self.ready = True
         self.runs: list[str] = []
         self.measured: list[str] = []
-        self.spans: list[str] = []
         self.nan_next = 0
 
     def usable(self, t):
@@ -38,20 +35,10 @@ class FakeTimer:
         self.measured.append(plan.path)
         return plan
 
-    def stop(self, plan, rest: float = 0.0):
-        value = (self.cost[plan.path] + rest) * plan.units
-
-        def read():  # the guard reads one of a call's two reads (the span's or the call's)
-            if not self.ready:
-                return None
-            self.nan_next -= 1
-            return float("nan") if self.nan_next >= 0 else value
-
-        return read
-
-    def span(self, plan):
-        self.spans.append(plan.path)
-        return self.stop(plan, self.rest[plan.path])
+    def stop(self, plan):
+        value = float("nan") if self.nan_next > 0 else self.cost[plan.path] * plan.units
+        self.nan_next = max(0, self.nan_next - 1)
+        return lambda: value if self.ready else None
 
 
 class Layer(torch.nn.Module):
@@ -59,13 +46,10 @@ class Layer(torch.nn.Module):
 
 
 def run_pass(guard: speed.SpeedGuard, layers, timer: FakeTimer, q_len: int = 4096, alpha: float = 0.1):
-    """One forward pass over ``layers``: each ends the span of the last timed call (as the attention
-    function does), asks for a plan and 'runs' it."""
+    """One forward pass over ``layers``: each asks for a plan and 'runs' it."""
     query = torch.empty(1, 4, q_len, 8, device="meta")
     paths = []
     for idx, layer in enumerate(layers):
-        if guard.open is not None:
-            guard.end_span(idx, query.device)
         plan = guard.plan(layer, idx, query, q_len, alpha, masked=False)
         guard.run(plan, query.device, lambda p=plan: timer.runs.append(p.path))
         paths.append(plan.path)
@@ -81,13 +65,11 @@ def layers():
 def test_first_pass_measures_then_the_faster_path_runs(layers, faster):
     timer = FakeTimer(sparse=1.0 if faster == "sparse" else 3.0, dense=2.0)
     guard = speed.SpeedGuard(timer)
-    # every layer measures dense twice, then sparse twice (the first measurement of a new shape is often
-    # cold), each pass in one state: the passes compare all dense with all sparse
-    for path in ("dense", "dense", "sparse"):
-        assert run_pass(guard, layers, timer) == [path] * 4
-        assert {r["runs"] for r in guard.summary()} == {"measuring"}
-    assert run_pass(guard, layers, timer) == ["sparse"] * 4
-    assert timer.measured == ["dense"] * 8 + ["sparse"] * 8
+    # first pass: two layers measure dense for the whole length class (each estimate is measured twice,
+    # the first measurement of a new shape is often cold), the others measure sparse
+    assert run_pass(guard, layers, timer) == ["dense", "dense", "sparse", "sparse"]
+    assert run_pass(guard, layers, timer) == ["sparse"] * 4  # every layer's own sparse cost, twice
+    assert run_pass(guard, layers, timer) == ["sparse", "sparse", faster, faster]
     for _ in range(3):
         assert run_pass(guard, layers, timer).count(faster) >= 3
     rows = guard.summary()
@@ -100,7 +82,7 @@ def test_first_pass_measures_then_the_faster_path_runs(layers, faster):
 def test_recheck_measures_the_other_path_and_notices_a_change(layers):
     timer = FakeTimer(sparse=2.5, dense=2.0)  # close: within CLEAR_MARGIN
     guard = speed.SpeedGuard(timer)
-    for _ in range(5):
+    for _ in range(3):
         run_pass(guard, layers, timer)
     assert {r["runs"] for r in guard.summary()} == {"dense"}
     passes = [run_pass(guard, layers, timer) for _ in range(speed.RECHECK)]
@@ -128,16 +110,13 @@ def test_results_not_yet_known_are_waited_for_without_blocking(layers):
     timer = FakeTimer(sparse=1.0, dense=2.0)
     timer.ready = False
     guard = speed.SpeedGuard(timer)
-    for _ in range(4):
-        run_pass(guard, layers, timer)
-    # every measurement is still in flight: none is repeated, nothing is decided, dense runs untimed
-    timer.measured.clear()
-    assert run_pass(guard, layers, timer) == ["dense"] * 4 and timer.measured == []
-    assert all(r["dense_cost"] is None and r["runs"] == "measuring" for r in guard.summary())
+    run_pass(guard, layers, timer)
+    # the dense measurement is still in flight: nobody else measures dense, nothing is decided
+    assert run_pass(guard, layers, timer) == ["sparse"] * 4
+    assert all(r["dense_cost"] is None for r in guard.summary())
     timer.ready = True
     run_pass(guard, layers, timer)
     assert guard.summary()[1]["dense_cost"] == pytest.approx(2.0)
-    assert run_pass(guard, layers, timer) == ["sparse"] * 4
 
 
 def test_unusable_measurements_are_dropped(layers):
@@ -145,25 +124,9 @@ def test_unusable_measurements_are_dropped(layers):
     timer = FakeTimer(sparse=1.0, dense=2.0)
     timer.nan_next = 1
     guard = speed.SpeedGuard(timer)
-    # layer 0's first dense time is dropped, so it measures dense once more
-    assert [run_pass(guard, layers, timer)[0] for _ in range(5)] == ["dense", "dense", "dense", "sparse", "sparse"]
-    assert [run_pass(guard, layers, timer)[1] for _ in range(2)] == ["sparse", "sparse"]
-    dense = [state.dense for per_module in guard.layers.values() for state in per_module.values()]
-    assert len(dense) == 4 and all(e.count == 2 and e.value == pytest.approx(2.0) for e in dense)
-
-
-def test_a_timed_call_costs_its_whole_layer_up_to_the_next_layers_call(layers):
-    """Sparse attention itself is cheaper here, but its launches hold up the rest of its layer (a small
-    model bound by the host): the span from a layer's attention call to the next layer's shows it, and
-    those layers run dense. The last layer has no next one in the pass: its call alone decides."""
-    timer = FakeTimer(sparse=1.0, dense=2.0)
-    timer.rest = {"sparse": 3.0, "dense": 0.0}
-    guard = speed.SpeedGuard(timer)
-    for _ in range(6):
-        run_pass(guard, layers, timer)
-    assert [r["runs"] for r in guard.summary()] == ["dense", "dense", "dense", "sparse"]
-    assert [r["sparse_cost"] for r in guard.summary()] == pytest.approx([4.0, 4.0, 4.0, 1.0])
-    assert timer.spans.count("sparse") == 2 * (len(layers) - 1)  # the last layer's calls end no span
+    # layer 0's dense time is dropped (read back at once here), so it takes two more layers to have two
+    assert run_pass(guard, layers, timer) == ["dense", "dense", "dense", "sparse"]
+    assert guard.dense and all(e.count == 2 and e.value == pytest.approx(2.0) for e in guard.dense.values())
 
 
 def test_one_outlier_is_kept_apart_two_are_believed():
@@ -181,10 +144,9 @@ def test_length_classes_and_alphas_are_measured_apart(layers):
     timer = FakeTimer(sparse=1.0, dense=2.0)
     guard = speed.SpeedGuard(timer)
     run_pass(guard, layers, timer, q_len=4096)
-    run_pass(guard, layers, timer, q_len=3000)
     assert run_pass(guard, layers, timer, q_len=3000)[0] == "sparse"  # same class (2049..4096)
     assert run_pass(guard, layers, timer, q_len=5000)[0] == "dense"  # a new class: measured again
-    assert run_pass(guard, layers, timer, q_len=4096, alpha=0.3) == ["dense"] * 4  # and another alpha
+    assert run_pass(guard, layers, timer, q_len=4096, alpha=0.3)[1:] == ["sparse"] * 3
     classes = {(r["q_len_max"], r["alpha"]) for r in guard.summary()}
     assert classes == {(4096, 0.1), (8192, 0.1), (4096, 0.3)}
     assert speed.length_class(4096) == 12 and speed.length_class(4097) == 13
@@ -225,10 +187,9 @@ def test_model_runs_the_faster_path(fake_guard, monkeypatch, faster):
     calls = count_sparse_calls(monkeypatch)
     ids = text_ids(256)
     want = forward(ref, input_ids=ids)
-    for _ in range(2):  # both layers measure dense twice (the first measurement is often cold) ...
-        forward(fp, input_ids=ids)
-        assert calls == []
-    for _ in range(2):  # ... then sparse twice
+    forward(fp, input_ids=ids)
+    assert calls == []  # first pass: both layers measure dense (each estimate twice: the first is often cold)
+    for _ in range(2):  # then each layer's own sparse cost, twice
         forward(fp, input_ids=ids)
         assert len(calls) == 2
         calls.clear()
@@ -239,19 +200,6 @@ def test_model_runs_the_faster_path(fake_guard, monkeypatch, faster):
     else:
         assert len(calls) == 2
     assert {r["runs"] for r in speed.summary()} == {faster}
-
-
-def test_the_attention_function_ends_a_span_at_the_next_layers_call(fake_guard, monkeypatch):
-    """Through a tiny Llama (2 layers): layer 0's timed calls cost the time up to layer 1's attention
-    call, layer 1's (the last) their own time; a span never crosses into another forward pass."""
-    fake_guard.cost = {"sparse": 1.0, "dense": 2.0}
-    fake_guard.rest = {"sparse": 3.0, "dense": 0.0}
-    fp, _ = build_pair("llama", speed_guard=True)
-    ids = text_ids(256)
-    for _ in range(6):
-        forward(fp, input_ids=ids)
-    assert [r["runs"] for r in speed.summary()] == ["dense", "sparse"]
-    assert fake_guard.spans[:4] == ["dense", "dense", "sparse", "sparse"]  # layer 0 measuring
 
 
 def test_guard_off_recording_and_cpu_timer_keep_every_call_sparse(fake_guard, monkeypatch):
@@ -302,7 +250,7 @@ def test_swap_keeps_measurement_sets_apart(layers):
     guard = speed.SpeedGuard(timer)
     run_pass(guard, layers, timer)
     first = guard.swap()  # a fresh set
-    assert len(guard.layers) == 0 and guard.open is None and guard.summary() == []
+    assert guard.dense == {} and guard.summary() == []
     run_pass(guard, layers, timer, q_len=8192)
     second = guard.swap(first)
     assert {r["q_len_max"] for r in guard.summary()} == {4096}

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         speed.reset()
         for name in names:  # warm up; the guard settles
             model.set_attn_implementation(variants[name])
-            for _ in range(8):  # the guard measures dense on 2 passes, sparse on 2, then settles
+            for _ in range(8):  # the guard settles (it measures on the first passes of a length class)
                 model(**inputs, logits_to_keep=1)
         results = {name: [] for name in names}
         for r in range(args.rounds):

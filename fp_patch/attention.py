@@ -358,28 +358,26 @@ def flashprefill_attention_forward(
         and (not last.kw_routing or all(kwargs[name] is v for name, v in last.kw_routing))
     ):
         plan = last.plan
-        if plan is None:  # a by-design dense route
-            if last.direct and attention_mask is None and key.shape[2] == query.shape[2]:
-                return scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
-                                                    enable_gqa=last.gqa).transpose(1, 2).contiguous(), None
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        if attention_mask is None and (key.shape, value.shape) == last.kv_shapes and SPEED_GUARD.dense is last.guard:
+        dense = plan is None  # a by-design dense route: whatever the keys, values and mask
+        if not dense and attention_mask is None and (key.shape, value.shape) == last.kv_shapes \
+                and SPEED_GUARD.dense is last.guard:
             if plan.reuse():
                 # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
                 if plan.path == "sparse":
                     return _sparse(query, key, value, last.route, last.cfg, last.alpha, scaling), None
-                if last.direct and key.shape[2] == query.shape[2]:
-                    return scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
-                                                        enable_gqa=last.gqa).transpose(1, 2).contiguous(), None
-                return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                              **kwargs)
-            if SPEED_GUARD.usable(query):  # no repeat left: the route stands, the guard is asked again
+                dense = True
+            elif SPEED_GUARD.usable(query):  # no repeat left: the route stands, the guard is asked again
                 plan = last.plan = SPEED_GUARD.plan(
                     module, getattr(module, "layer_idx", None), query, last.route[0], last.alpha, False
                 )
                 return _run_plan(plan, module, query, key, value, None, dropout, scaling, kwargs, last.route,
                                  last.cfg, last.alpha)
+        if dense:
+            if last.direct and attention_mask is None and key.shape[2] == query.shape[2]:
+                return scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
+                                                    enable_gqa=last.gqa).transpose(1, 2).contiguous(), None
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     cfg = config_for_module(module, cache=not compiling)
     layer_idx = getattr(module, "layer_idx", None)
     q_len, k_len = query.shape[2], key.shape[2]

@@ -10,7 +10,9 @@ warm); this times them where they run, inside the forward pass of a SmolLM2-shap
 * ``F.sdpa direct``: ``F.scaled_dot_product_attention`` with ``is_causal``/``enable_gqa`` and the
   transpose, no Transformers wrapper (what a dense call cannot cost less than);
 * ``fp guard``: our attention function, settings and speed guard as by default (at these lengths
-  every layer settles on dense SDPA).
+  every layer settles on dense SDPA);
+* ``fp sparse``: the sparse operator alone, as our attention function calls it on a sparse route
+  (``alpha=0.18``; what a layer the guard runs sparse costs the host).
 
 The variants take turns forward by forward (each round starting one further on), 60 rounds::
 
@@ -50,6 +52,13 @@ def direct_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
+def sparse_op(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from fp_patch.attention import _sparse
+    from fp_patch.config import config_for_module
+
+    return _sparse(query, key, value, (query.shape[2], None, None), config_for_module(module), 0.18, scaling), None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192])
@@ -67,7 +76,7 @@ def main(argv=None) -> int:
     from fp_patch.attention import flashprefill_attention_forward
 
     for name, fn in (("sdpa_t", sdpa_attention_forward), ("direct_t", direct_sdpa),
-                     ("fp_t", flashprefill_attention_forward)):
+                     ("fp_t", flashprefill_attention_forward), ("sparse_t", sparse_op)):
         AttentionInterface.register(name, timed(fn))
         AttentionMaskInterface.register(name, sdpa_mask)
     config = transformers.LlamaConfig(
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     fp_patch.configure(model, min_sparse_len=2048, speed_guard=True)
     torch.set_grad_enabled(False)
-    variants = {"sdpa": "sdpa_t", "F.sdpa direct": "direct_t", "fp guard": "fp_t"}
+    variants = {"sdpa": "sdpa_t", "F.sdpa direct": "direct_t", "fp guard": "fp_t", "fp sparse": "sparse_t"}
     names = list(variants)
     for length in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")

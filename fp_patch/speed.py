@@ -10,14 +10,20 @@ How (CUDA only, eager only; off under ``torch.compile``, while :func:`fp_patch.r
 records, and with ``FlashPrefillConfig(speed_guard=False)``; during CUDA-graph capture it neither
 measures nor decides, only a settled layer's plan is repeated, see the last point):
 
-* The cost of an attention call is what it adds to the forward pass: its GPU time (two CUDA events
-  on the call's stream, read back later, when ``Event.query()`` says both have passed: no host
-  synchronisation is added) or its host time (Python and kernel launches, ``perf_counter``), whichever
-  is longer. A large model keeps the GPU busy and the host's time is hidden behind it; a small one
-  (SmolLM2-135M below ~32K tokens) is bound by the host issuing kernels, where the sparse path's three
-  Triton launches cost more than the GPU time they save, which GPU time alone would not show. A call
-  whose host side stalled (a Triton compilation, autotuning) for over :data:`HOST_STALL_MS` while the
-  GPU waited is not used.
+* The cost of an attention call is what it adds to the forward pass. A timed call reads its GPU time
+  (two CUDA events on the call's stream, read back later, when ``Event.query()`` says both have
+  passed: no host synchronisation is added), its host time (Python and kernel launches,
+  ``perf_counter``), and whether the GPU had caught up with the host: whether it had reached the
+  call's start by the time the host finished issuing the call (one more ``Event.query()``). A large
+  model keeps the GPU busy, the host's time is hidden behind it and a call costs the longer of its
+  two times. A small one (SmolLM2-135M below ~16K tokens) is bound by the host issuing kernels: the
+  GPU waits for the host at every layer, the GPU time a call saves is idle time and what it costs is
+  its host time. Which of the two a *length class* is in is voted on by every timed call of the class
+  (the share of calls that found the GPU caught up, smoothed; over half: host-bound), so the first
+  layer of a large model, which always finds an idle GPU, does not decide it. Both costs are kept for
+  each path and the class's regime picks which one to compare; a model near the balance moves layers
+  to the path that relieves whichever side binds. A call whose host side stalled (a Triton
+  compilation, autotuning) for over :data:`HOST_STALL_MS` while the GPU waited is not used.
 * Times are normalised per causal (query, key) pair of the call and kept per *length class*
   (``Lq`` and ``Lk`` rounded up to a power of two): the dense cost per shape class (device, dtype,
   batch, heads, head dim, mask or not), shared by all layers, since dense attention costs the same
@@ -48,6 +54,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +67,7 @@ FAR_MARGIN = 4.0  # ... or this many times: every RECHECK * FAR_RECHECK-th
 FAR_RECHECK = 32
 OUTLIER = 3.0  # a time this far from the estimate is kept apart once (one noisy or cold call)
 HOST_STALL_MS = 50.0  # a call whose host side took longer (a compilation) is not used unless its GPU time dwarfs that
+HOST_BOUND_VOTE = 0.25  # weight of each timed call's vote in its length class's "host-bound" share
 MEASURED_CALLS = 3  # each estimate is measured on this many calls before it is trusted without timing
 _MAX_PENDING = 4096
 _MODULE_CACHE = "_flashprefill_speed_guard"  # (guard estimates, call signature, (state, dense, units))
@@ -76,15 +84,23 @@ def causal_pairs(q_len: int, k_len: int) -> float:
 
 
 class Estimate:
-    """A smoothed cost (ms per million causal pairs and head) that shrugs off one outlier."""
+    """A smoothed cost (ms per million causal pairs and head) that shrugs off one outlier; for a path,
+    ``host`` is the same for its host time alone (what it costs where the host binds), and for the
+    dense path of a length class ``host_bound`` is the class's vote (see the module docstring)."""
 
-    __slots__ = ("value", "suspect", "count", "in_flight")
+    __slots__ = ("value", "suspect", "count", "in_flight", "host", "host_bound")
 
-    def __init__(self):
+    def __init__(self, path: bool = True):
         self.value: float | None = None
         self.suspect: float | None = None
         self.count = 0
         self.in_flight = 0
+        self.host: Estimate | None = Estimate(path=False) if path else None
+        self.host_bound = 0.0
+
+    def compared(self, host_bound: bool) -> float | None:
+        """The cost a decision compares: the host time's where the class is host-bound."""
+        return self.host.value if host_bound else self.value
 
     def add(self, x: float) -> None:
         self.count += 1
@@ -113,15 +129,17 @@ class LayerState:
 
 @dataclass
 class Plan:
-    """What one call runs (``"sparse"`` or ``"dense"``), where its time goes when measured, and how
-    many following calls of the layer with the same inputs would get this same untimed plan
-    (``repeat``: the attention function may run them without asking again)."""
+    """What one call runs (``"sparse"`` or ``"dense"``), where its time goes when measured (and the
+    length class's dense estimate, ``klass``, which keeps the class's host-bound vote), and how many
+    following calls of the layer with the same inputs would get this same untimed plan (``repeat``: the
+    attention function may run them without asking again)."""
 
     path: str
     estimate: Estimate | None
     units: float
     repeat: int = 0
     layer: LayerState | None = None
+    klass: Estimate | None = None
 
     def reuse(self) -> bool:
         """Count one more call of the layer that runs this plan without asking the guard; ``False``
@@ -165,19 +183,27 @@ class CudaTimer:
         return event, stream, time.perf_counter()
 
     def stop(self, token):
-        """A callable: the call's cost in ms (the longer of its GPU and host times) once known, ``None``
-        before, ``nan`` when unusable."""
+        """A callable: the call's :class:`Timing` once known, ``None`` before."""
         start, stream, t0 = token
         host_ms = (time.perf_counter() - t0) * 1e3
+        caught_up = start.query()  # the GPU reached the call before the host had issued all of it
         end = torch.cuda.Event(enable_timing=True)
         end.record(stream)
 
         def read():
             if not end.query():
                 return None
-            return call_cost(start.elapsed_time(end), host_ms)
+            return Timing(start.elapsed_time(end), host_ms, caught_up)
 
         return read
+
+
+class Timing(NamedTuple):
+    """One timed call: GPU and host milliseconds, and whether the GPU had caught up with the host."""
+
+    gpu_ms: float
+    host_ms: float
+    caught_up: bool = False
 
 
 def call_cost(gpu_ms: float, host_ms: float) -> float:
@@ -205,14 +231,17 @@ class SpeedGuard:
         # results arrive in launch order: stop at the first one still running, so a GPU running far
         # behind costs one event query per call, not one per pending measurement
         done = 0
-        for read, estimate, units in self.pending:
-            ms = read()
-            if ms is None:
+        for read, estimate, units, klass in self.pending:
+            timing = read()
+            if timing is None:
                 break
             done += 1
             estimate.in_flight -= 1
+            ms = call_cost(timing.gpu_ms, timing.host_ms)
             if ms == ms:  # not nan
                 estimate.add(ms / units)
+                estimate.host.add(timing.host_ms / units)
+                klass.host_bound += HOST_BOUND_VOTE * (float(timing.caught_up) - klass.host_bound)
         if done:
             del self.pending[:done]
         if len(self.pending) > _MAX_PENDING:
@@ -236,22 +265,24 @@ class SpeedGuard:
         # every estimate is measured twice before it decides anything (the first call of a new shape pays
         # for cuDNN plans, allocator growth, first launches); the dense one by one layer at a time
         if dense.count < 2 and dense.in_flight == 0:
-            return Plan("dense", dense, units, layer=state)
+            return Plan("dense", dense, units, layer=state, klass=dense)
         if sparse.count < 2 or dense.value is None:
-            return Plan("sparse", sparse, units, layer=state)
-        best, other = ("sparse", "dense") if sparse.value <= dense.value else ("dense", "sparse")
-        self._note_choice(state, best, sparse.value * units, dense.value * units)
+            return Plan("sparse", sparse, units, layer=state, klass=dense)
+        host_bound = dense.host_bound > 0.5
+        sparse_cost, dense_cost = sparse.compared(host_bound), dense.compared(host_bound)
+        best, other = ("sparse", "dense") if sparse_cost <= dense_cost else ("dense", "sparse")
+        self._note_choice(state, best, sparse_cost * units, dense_cost * units, host_bound)
         turn = state.calls + (layer_idx or 0)  # staggered: layers recheck in different passes
         # running the other path costs its whole difference: rarely where the choice is clear
-        period = recheck_period(max(sparse.value, dense.value) / max(min(sparse.value, dense.value), 1e-12))
+        period = recheck_period(max(sparse_cost, dense_cost) / max(min(sparse_cost, dense_cost), 1e-12))
         if turn % period == 0:
-            return Plan(other, dense if other == "dense" else sparse, units, layer=state)
+            return Plan(other, dense if other == "dense" else sparse, units, layer=state, klass=dense)
         chosen = dense if best == "dense" else sparse
         # timing the path that runs anyway costs two events: sparse every RECHECK calls (its cost follows the
         # prompt's density), dense, whose cost does not depend on the content, once a period
         timing = RECHECK if best == "sparse" else period
         if chosen.count < MEASURED_CALLS or turn % timing == timing // 2:
-            return Plan(best, chosen, units, layer=state)
+            return Plan(best, chosen, units, layer=state, klass=dense)
         # the calls before this layer next times a path would all get this plan (the estimates may move
         # meanwhile through other layers' measurements; the choice is revisited when it next times a path)
         repeat = min(_calls_until(turn, period, 0), _calls_until(turn, timing, timing // 2)) - 1
@@ -274,14 +305,16 @@ class SpeedGuard:
             state = per_module[key] = LayerState(layer_idx, key)
         return state, dense, units
 
-    def _note_choice(self, state: LayerState, choice: str, sparse_ms: float, dense_ms: float) -> None:
+    def _note_choice(self, state: LayerState, choice: str, sparse_ms: float, dense_ms: float,
+                     host_bound: bool) -> None:
         if choice == state.choice:
             return
         state.choice = choice
         lq, lk = 1 << state.key[0][-2], 1 << state.key[0][-1]
         logger.info(
-            "flashprefill speed guard: layer %s, Lq<=%d Lk<=%d: %s (sparse %.3f ms, dense %.3f ms measured)",
+            "flashprefill speed guard: layer %s, Lq<=%d Lk<=%d: %s (sparse %.3f ms, dense %.3f ms measured%s)",
             state.layer_idx, lq, lk, "sparse" if choice == "sparse" else "dense SDPA", sparse_ms, dense_ms,
+            ", host time: the host binds" if host_bound else "",
         )
 
     def run(self, plan: Plan, device: torch.device, fn):
@@ -291,19 +324,22 @@ class SpeedGuard:
         token = self.timer.start(device, plan)
         out = fn()
         plan.estimate.in_flight += 1
-        self.pending.append((self.timer.stop(token), plan.estimate, plan.units))
+        self.pending.append((self.timer.stop(token), plan.estimate, plan.units, plan.klass))
         return out
 
     def summary(self) -> list[dict]:
-        """One row per (layer, length class, alpha): the estimates (ms per million pairs and head) and
-        the path its next call runs (the faster one; ``"sparse"`` while still measuring)."""
+        """One row per (layer, length class, alpha): the compared estimates (ms per million pairs and
+        head; host time only where the class is host-bound), whether it is, and the path its next call
+        runs (the faster one; ``"sparse"`` while still measuring)."""
         self._harvest()
         rows = []
         for per_module in list(self.layers.values()):
             for state in per_module.values():
                 dense_key, alpha = state.key
                 dense = self.dense.get(dense_key)
-                sparse, dense_ms = state.sparse.value, None if dense is None else dense.value
+                host_bound = dense is not None and dense.host_bound > 0.5
+                sparse = state.sparse.compared(host_bound)
+                dense_ms = None if dense is None else dense.compared(host_bound)
                 if state.sparse.count < 2 or dense is None or dense.count < 2:
                     runs = "sparse"  # still measuring (plan decides from the second measurement on)
                 else:
@@ -315,6 +351,7 @@ class SpeedGuard:
                     "alpha": alpha,
                     "sparse_cost": sparse,
                     "dense_cost": dense_ms,
+                    "host_bound": host_bound,
                     "calls": state.calls,
                     "runs": runs,
                 })

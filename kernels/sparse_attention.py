@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .geometry import normalize_ranges
+from .launch import launch
 from .pool import LENGTH_ARGS, _valid_range, launch_device
 from .select import _slot_rows
 
@@ -222,7 +223,7 @@ def sparse_attention(
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
-        _sparse_attention_kernel[grid](
+        launch(_sparse_attention_kernel, grid, (
             q, k, v, out, block_index, block_count,
             kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
             q.stride(0), q.stride(1), q.stride(2),
@@ -232,10 +233,11 @@ def sparse_attention(
             block_index.stride(0), block_index.stride(1), block_index.stride(2),
             block_count.stride(0), block_count.stride(1),
             q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
+        ), dict(
             GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
             **cfg,
-        )
+        ))
     return out

@@ -323,6 +323,89 @@ def test_long_spot_checks_against_dense(seq_len):
 
 
 
+# -- replayed launches (fp_kernels.launch) ------------------------------------------------------------
+
+
+def test_launch_plan_puts_each_call_s_tensors_where_the_recorded_ones_were():
+    """The replay logic on stand-ins for Triton's kernel and compiled binary: each recorded tensor
+    argument is replaced by the same slot's tensor of the new call (an input, or a fresh output of the
+    recorded shape and dtype), everything else is passed as recorded; tensors of unknown origin, a
+    parameter left to its default, or a launch without a binary (the interpreter) give no plan."""
+    from types import SimpleNamespace
+
+    from fp_kernels.launch import LaunchPlan
+
+    launched = []
+    kernel = SimpleNamespace(arg_names=["X", "OUT", "n", "BLOCK"])
+    compiled = SimpleNamespace(run=lambda *a: launched.append(a), function="fn", packed_metadata="meta")
+    x, out = torch.randn(4, 3), torch.empty(4, 3, dtype=torch.float16)
+    record = [(kernel, compiled, (2,), (x, out, 12), {"BLOCK": 16, "num_warps": 4})]
+    plan = LaunchPlan.build(record, (x,), (out,), (out,))
+    x2 = torch.randn(4, 3)
+    (out2,) = plan.run((x2,), torch.device("cpu"), stream=7)
+    ((*head, x_arg, out_arg, n, block),) = launched
+    assert head == [2, 1, 1, 7, "fn", "meta", None, None, None]  # grid, stream, binary, no hooks
+    assert x_arg is x2 and out_arg is out2 and (n, block) == (12, 16)
+    assert out2 is not out and out2.shape == out.shape and out2.dtype == out.dtype
+    assert LaunchPlan.build(record, (x,), (), (x,)) is None  # `out` of unknown origin
+    assert LaunchPlan.build([(kernel, compiled, (2,), (x, out, 12), {})], (x,), (out,), (out,)) is None
+    interpreted = SimpleNamespace()
+    assert LaunchPlan.build([(kernel, interpreted, (2,), (x, out, 12), {"BLOCK": 16})], (x,), (out,), (out,)) is None
+
+
+@pytest.mark.skipif(not ON_GPU, reason="replays need compiled kernels (the interpreter has none)")
+def test_repeated_calls_replay_the_first_call_s_launches(monkeypatch):
+    """A second call with the same signature (new tensors) skips Triton's dispatch and our wrappers and
+    gives exactly what the usual path gives, with every output written (poisoned buffers); misaligned
+    inputs, key ranges, a new shape or a Triton launch hook take the usual path."""
+    import fp_kernels.pipeline as pipeline
+    import fp_kernels.pool
+    import fp_kernels.select
+    import fp_kernels.sparse_attention
+    from triton import knobs
+
+    usual = []
+    for module in (fp_kernels.pool, fp_kernels.select, fp_kernels.sparse_attention):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda *a, _real=real: (usual.append(a[0]), _real(*a)))
+    monkeypatch.setattr(pipeline, "_PLANS", {})
+    shape, alpha = (1, 1000, 1000, 9, 3, 64, 128), 0.3
+    q, k, v = make_inputs(shape, torch.bfloat16, "cuda", seed=1)
+    flash_prefill(q, k, v, alpha)
+    assert len(usual) == 3 and len(pipeline._PLANS) == 1 and None not in pipeline._PLANS.values()
+    q, k, v = make_inputs(shape, torch.bfloat16, "cuda", seed=2)  # other values, same signature
+    want = pipeline._launch(q, k, v, None, None, alpha, 128, 2, 4, 2, 0, 0.125, False)[:3]
+    usual.clear()
+    poisoned = poison_allocator("cuda", monkeypatch)
+    out, info = flash_prefill(q, k, v, alpha, return_info=True)
+    assert usual == [] and len(poisoned) == 4, "the call was not replayed"
+    assert torch.equal(out, want[0]) and torch.equal(info.block_count, want[2])
+    valid = torch.arange(want[1].shape[-1], device="cuda") < want[2][..., None]
+    assert torch.equal(torch.where(valid, info.block_index, -1), torch.where(valid, want[1], -1))
+    ref32, ref_lowp = reference_error_budget(q, k, v, info.block_index, info.block_count, 128)
+    assert_close_to_reference(out, ref32, ref_lowp, "replayed")
+    # the usual path: a misaligned input, key ranges, a launch hook; a new shape records a new plan
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_odd = buf[1:].view(q.shape).copy_(q)
+    ends = torch.tensor([1000], device="cuda")
+    hook_calls = []
+    knobs.runtime.launch_enter_hook.add(hook_calls.append)
+    try:
+        usual.clear()
+        flash_prefill(q, k, v, alpha)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook_calls.append)
+    assert len(usual) == 3 and len(hook_calls) == 3
+    for args, kwargs in (((q_odd, k, v, alpha), {}), ((q, k, v, alpha), {"kv_end": ends})):
+        usual.clear()
+        torch.testing.assert_close(flash_prefill(*args, **kwargs), out, atol=0, rtol=0)
+        assert len(usual) == 3
+    assert len(pipeline._PLANS) == 1
+    q2, k2, v2 = make_inputs((1, 1100, 1100, 9, 3, 64, 128), torch.bfloat16, "cuda", seed=3)
+    flash_prefill(q2, k2, v2, alpha)
+    assert len(pipeline._PLANS) == 2
+
+
 def test_length_dependent_arguments_are_not_specialised():
     """Triton compiles a new variant when an integer argument changes between "== 1", "divisible by 16"
     and neither; lengths, slot counts and index strides change with every prompt length, so they must

@@ -2,8 +2,8 @@
 
 The guard times calls with CUDA events on a GPU; here a fake timer stands in for them (same
 contract: ``usable``, ``start(device, plan)``, ``stop(token)`` -> a reader returning the call's
-milliseconds, ``None`` while unknown, NaN when unusable), so the decisions are tested on the CPU
-with times the test chooses, through the real attention function of a tiny Llama.
+:class:`~fp_patch.speed.Timing`, ``None`` while unknown), so the decisions are tested on the CPU with
+times the test chooses, through the real attention function of a tiny Llama.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from fp_patch import speed
 
 
 class FakeTimer:
-    """Times per path in ms per million (pair x head) units; ``ready`` False holds results back."""
+    """GPU times per path in ms per million (pair x head) units (host times 0 unless set in ``host``);
+    ``caught_up(layer_idx)`` says whether a call found the GPU caught up with the host (never, unless
+    set); ``ready`` False holds results back."""
 
     def __init__(self, sparse: float, dense: float):
         self.cost = {"sparse": sparse, "dense": dense}
+        self.host = {"sparse": 0.0, "dense": 0.0}
+        self.caught_up = lambda layer_idx: False
         self.ready = True
         self.runs: list[str] = []
         self.measured: list[str] = []
@@ -36,9 +40,10 @@ class FakeTimer:
         return plan
 
     def stop(self, plan):
-        value = float("nan") if self.nan_next > 0 else self.cost[plan.path] * plan.units
+        gpu = float("nan") if self.nan_next > 0 else self.cost[plan.path] * plan.units
         self.nan_next = max(0, self.nan_next - 1)
-        return lambda: value if self.ready else None
+        timing = speed.Timing(gpu, self.host[plan.path] * plan.units, self.caught_up(plan.layer.layer_idx))
+        return lambda: timing if self.ready else None
 
 
 class Layer(torch.nn.Module):
@@ -233,12 +238,12 @@ def test_harvest_stops_at_the_first_result_still_running():
             return value
         return read
 
-    a, b = speed.Estimate(), speed.Estimate()
+    a, b, klass = speed.Estimate(), speed.Estimate(), speed.Estimate()
     a.in_flight = b.in_flight = 1
-    guard.pending = [(reader("a", None), a, 1.0), (reader("b", 5.0), b, 1.0)]
+    guard.pending = [(reader("a", None), a, 1.0, klass), (reader("b", speed.Timing(5.0, 0.0)), b, 1.0, klass)]
     guard._harvest()
     assert queried == ["a"] and len(guard.pending) == 2 and b.value is None
-    guard.pending[0] = (reader("a", 3.0), a, 1.0)
+    guard.pending[0] = (reader("a", speed.Timing(3.0, 0.0)), a, 1.0, klass)
     guard._harvest()
     assert queried == ["a", "a", "b"] and guard.pending == [] and (a.value, b.value) == (3.0, 5.0)
     assert a.in_flight == b.in_flight == 0
@@ -301,6 +306,25 @@ def test_a_call_costs_its_gpu_or_its_host_time_whichever_is_longer():
     assert speed.call_cost(gpu_ms=0.05, host_ms=0.7) == 0.7  # three Triton launches on a busy host
     assert math.isnan(speed.call_cost(gpu_ms=1.0, host_ms=speed.HOST_STALL_MS + 1))
     assert speed.call_cost(gpu_ms=10 * speed.HOST_STALL_MS, host_ms=speed.HOST_STALL_MS + 1) == 10 * speed.HOST_STALL_MS
+
+
+@pytest.mark.parametrize("caught_up, faster", [("never", "sparse"), ("first layer", "sparse"), ("always", "dense")])
+def test_where_the_host_binds_host_times_decide(layers, caught_up, faster):
+    """Sparse saves GPU time (1.0 vs 2.0) but costs more host time (1.5 vs 0.5). Where the GPU waits for
+    the host at every layer (a small model: timed calls find it caught up) the GPU time saved is idle
+    time and dense is faster; where the GPU runs behind, sparse. The first layer of a large model always
+    finds an idle GPU: its vote does not make the class host-bound."""
+    timer = FakeTimer(sparse=1.0, dense=2.0)
+    timer.host = {"sparse": 1.5, "dense": 0.5}
+    timer.caught_up = {"never": lambda i: False, "first layer": lambda i: i == 0, "always": lambda i: True}[caught_up]
+    guard = speed.SpeedGuard(timer)
+    for _ in range(speed.MEASURED_CALLS + 2):
+        run_pass(guard, layers, timer, q_len=1024)  # host times below HOST_STALL_MS
+    rows = guard.summary()
+    assert {r["runs"] for r in rows} == {faster}
+    assert {r["host_bound"] for r in rows} == {caught_up == "always"}
+    assert {r["sparse_cost"] for r in rows} == {1.5}  # its host time, and the longer of its two
+    assert {r["dense_cost"] for r in rows} == {0.5 if caught_up == "always" else 2.0}
 
 
 # -- a layer's steady state: reusing a plan -------------------------------------------------------------

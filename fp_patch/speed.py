@@ -207,8 +207,10 @@ class Timing(NamedTuple):
 
 
 def call_cost(gpu_ms: float, host_ms: float) -> float:
-    """What a call adds to the forward pass: its GPU or its host time, whichever is longer (``nan``
-    for a host stall, a compilation, that left the GPU waiting inside the window)."""
+    """What a call adds to a forward pass that the host does not bind: its GPU or its host time,
+    whichever is longer (``nan`` for a host stall, a compilation, that left the GPU waiting inside
+    the window; such a call is not used at all). Where the host binds, its host time is compared
+    instead (:meth:`Estimate.compared`)."""
     if host_ms > HOST_STALL_MS and gpu_ms < 3 * host_ms:
         return float("nan")
     return max(gpu_ms, host_ms)

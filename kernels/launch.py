@@ -2,9 +2,11 @@
 
 ``kernel[grid](*args)`` binds and specialises every argument, builds a cache key and looks the binary
 up on each call. With our own Python around the three launches (tile choice, device queries,
-allocations), one :func:`fp_kernels.flash_prefill` call cost ~310 µs of host time on the H100
-machines, ~500 µs inside a forward pass (``benchmarks/results/host_profile_h100.log``): 15 ms of a
-30-layer model's prefill, which on a small model is bound by the host. A model calls the operator with
+allocations), one :func:`fp_kernels.flash_prefill` call cost ~310 µs of host time on an H100
+machine, ~500 µs inside a forward pass (``benchmarks/results/dev/host_profile_h100_9e22cc6.log``,
+``host_in_forward_h100_9e22cc6_sparse.log``): 15 ms of a 30-layer model's prefill, which on a small
+model is bound by the host. Replayed: ~40 % of the usual path's host time
+(``benchmarks/results/host_profile_h100.log``). A model calls the operator with
 the same shapes in every layer, so the first call with a given signature (``plan_key`` in
 :mod:`fp_kernels.pipeline`) runs as usual while :func:`recording` notes each launch (the binary Triton
 chose, the grid, the arguments), and later calls with that signature replay the note

@@ -202,7 +202,10 @@ def test_tensor_parallel_two_processes(tmp_path):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), str(tmp_path / "model"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # two CPU processes (gloo) as the worker is written for, also on a GPU machine, where Transformers
+    # would otherwise put each rank's shard on a GPU while the worker's inputs stay on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     local_heads = HEADS // 2

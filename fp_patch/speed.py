@@ -98,6 +98,11 @@ class Estimate:
         self.host: Estimate | None = Estimate(path=False) if path else None
         self.host_bound = 0.0
 
+    @property
+    def host_binds(self) -> bool:
+        """The class's vote (kept on its dense estimate): over half its timed calls found the GPU caught up."""
+        return self.host_bound > 0.5
+
     def compared(self, host_bound: bool) -> float | None:
         """The cost a decision compares: the host time's where the class is host-bound."""
         return self.host.value if host_bound else self.value
@@ -270,7 +275,7 @@ class SpeedGuard:
             return Plan("dense", dense, units, layer=state, klass=dense)
         if sparse.count < 2 or dense.value is None:
             return Plan("sparse", sparse, units, layer=state, klass=dense)
-        host_bound = dense.host_bound > 0.5
+        host_bound = dense.host_binds
         sparse_cost, dense_cost = sparse.compared(host_bound), dense.compared(host_bound)
         best, other = ("sparse", "dense") if sparse_cost <= dense_cost else ("dense", "sparse")
         self._note_choice(state, best, sparse_cost * units, dense_cost * units, host_bound)
@@ -339,7 +344,7 @@ class SpeedGuard:
             for state in per_module.values():
                 dense_key, alpha = state.key
                 dense = self.dense.get(dense_key)
-                host_bound = dense is not None and dense.host_bound > 0.5
+                host_bound = dense is not None and dense.host_binds
                 sparse = state.sparse.compared(host_bound)
                 dense_ms = None if dense is None else dense.compared(host_bound)
                 if state.sparse.count < 2 or dense is None or dense.count < 2:

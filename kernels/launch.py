@@ -6,11 +6,11 @@ allocations), one :func:`fp_kernels.flash_prefill` call cost ~310 µs of host ti
 machine, ~500 µs inside a forward pass (``benchmarks/results/dev/host_profile_h100_9e22cc6.log``,
 ``host_in_forward_h100_9e22cc6_sparse.log``): 15 ms of a 30-layer model's prefill, which on a small
 model is bound by the host. Replayed: ~40 % of the usual path's host time
-(``benchmarks/results/host_profile_h100.log``). A model calls the operator with
-the same shapes in every layer, so the first call with a given signature (``plan_key`` in
-:mod:`fp_kernels.pipeline`) runs as usual while :func:`recording` notes each launch (the binary Triton
-chose, the grid, the arguments), and later calls with that signature replay the note
-(:class:`LaunchPlan`): fresh outputs, the same binaries called directly with the new tensors.
+(``benchmarks/results/host_profile_h100.log``). A model calls the operator with the same shapes in
+every layer, so the first call with a given signature (the ``key`` built in
+:func:`fp_kernels.pipeline.flash_prefill_triton`) runs as usual while :func:`recording` notes each
+launch (the binary Triton chose, the grid, the arguments), and later calls with that signature replay
+the note (:class:`LaunchPlan`): fresh outputs, the same binaries called directly with the new tensors.
 
 Why that is exact: the signature holds everything Triton's choice of binary and the arguments depend
 on except the tensors' addresses (shapes, strides, dtype, device, the scalar settings), inputs whose

@@ -174,7 +174,7 @@ def group_kernel_times(times: list[tuple[str, float]]) -> dict:
     return groups
 
 
-def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
+def prompt_inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     """``(inputs, needle number)``: a needle prompt with a tokenizer, else random ids (seeded by length)."""
     if tokenizer is not None:
         from fp_patch.demo import needle_prompt
@@ -257,7 +257,7 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     commit = getattr(args, "commit", None) or git_commit()
 
     for length in args.lengths:
-        inputs, number = _inputs(model, tokenizer, length, args.device)
+        inputs, number = prompt_inputs(model, tokenizer, length, args.device)
         tokens = int(inputs["input_ids"].shape[1])
         settings = {label: variant_settings(defaults, alpha, min_sparse_len, density, tokens)
                     for impl, label, density in variants if impl == "flashprefill"}
@@ -336,11 +336,11 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
             fp_patch.configure(model, defaults.replace(min_sparse_len=min_sparse_len))
         totals = {"one_length": 0.0, "ten_lengths": 0.0}
         for first in (center, lengths[0]):
-            warm, _ = _inputs(model, tokenizer, first, args.device)
+            warm, _ = prompt_inputs(model, tokenizer, first, args.device)
             ttft(model, warm, 1)
         for i, length in enumerate(lengths):
             for name, n in (("one_length", center), ("ten_lengths", length)):
-                inputs, _ = _inputs(model, tokenizer, n, args.device, seed=i)
+                inputs, _ = prompt_inputs(model, tokenizer, n, args.device, seed=i)
                 totals[name] += ttft(model, inputs, 0)[0]
         entry = {name: {"total_s": total} for name, total in totals.items()}
         entry["ratio"] = totals["ten_lengths"] / totals["one_length"]

@@ -9,10 +9,10 @@ warm); this times them where they run, inside the forward pass of a SmolLM2-shap
 * ``sdpa``: Transformers' ``sdpa_attention_forward``;
 * ``F.sdpa direct``: ``F.scaled_dot_product_attention`` with ``is_causal``/``enable_gqa`` and the
   transpose, no Transformers wrapper (what a dense call cannot cost less than);
-* ``fp guard``: our attention function, settings and speed guard as by default (at these lengths
-  every layer settles on dense SDPA);
-* ``fp sparse``: the sparse operator alone, as our attention function calls it on a sparse route
-  (``alpha=0.18``; what a layer the guard runs sparse costs the host).
+* ``fp``: our attention function with ``min_sparse_len=2048`` (every call at these lengths is sparse:
+  routing, then the operator);
+* ``fp sparse``: the sparse operator alone (``fp_kernels.flash_prefill``, ``alpha=0.18``) on the
+  transposed tensors, without our routing (what routing adds is the difference to ``fp``).
 
 The variants take turns forward by forward (each round starting one further on), 60 rounds::
 
@@ -53,10 +53,9 @@ def direct_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
 
 def sparse_op(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    from fp_patch.attention import _sparse
-    from fp_patch.config import config_for_module
+    from fp_kernels import flash_prefill
 
-    return _sparse(query, key, value, (query.shape[2], None, None), config_for_module(module), 0.18, scaling), None
+    return flash_prefill(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.18, scale=scaling), None
 
 
 def main(argv=None) -> int:
@@ -72,7 +71,6 @@ def main(argv=None) -> int:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     import fp_patch
-    from fp_patch import speed
     from fp_patch.attention import flashprefill_attention_forward
 
     for name, fn in (("sdpa_t", sdpa_attention_forward), ("direct_t", direct_sdpa),
@@ -85,17 +83,16 @@ def main(argv=None) -> int:
     )
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    fp_patch.configure(model, min_sparse_len=2048, speed_guard=True)
+    fp_patch.configure(model, min_sparse_len=2048)
     torch.set_grad_enabled(False)
-    variants = {"sdpa": "sdpa_t", "F.sdpa direct": "direct_t", "fp guard": "fp_t", "fp sparse": "sparse_t"}
+    variants = {"sdpa": "sdpa_t", "F.sdpa direct": "direct_t", "fp": "fp_t", "fp sparse": "sparse_t"}
     names = list(variants)
     for length in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        speed.reset()
-        for name in names:  # warm up; the guard settles
+        for name in names:  # warm up (kernel compilation)
             model.set_attn_implementation(variants[name])
-            for _ in range(8):  # the guard settles (it measures on the first passes of a length class)
+            for _ in range(3):
                 model(**inputs, logits_to_keep=1)
         results = {name: [] for name in names}
         for r in range(args.rounds):

@@ -13,7 +13,7 @@ Stages, each a subprocess with a deadline (a crash or a hang of one does not tak
    logits of "flashprefill" at alpha 0 against "sdpa" on the same model (relative L2, with the
    distance between two dense SDPA backends as the bf16 noise floor), the layers of both GPUs must have
    recorded sparse calls; per-head density at the default alpha; a 32K-token prefill timed for "sdpa"
-   and "flashprefill" (default alpha; speed guard off and on).
+   and "flashprefill" (default alpha, every call above min_sparse_len sparse).
 3. ``tensor_parallel``: ``torchrun --nproc-per-node 2`` of this file with ``--tp-worker``: each rank
    loads the saved model with the model's TP plan, same checks per rank (local heads recorded), the
    per-head densities of each rank against the device_map run's densities of the same global heads,
@@ -247,9 +247,8 @@ def density_default(model, args, ids, barrier=lambda: None) -> dict:
 
 def time_prefill(model, args, ids, barrier=lambda: None, devices=None) -> dict:
     """A ``--long``-token prefill (``logits_to_keep=1``): 1 warm-up, median of ``--repeats``, every GPU
-    synchronised; "sdpa", then "flashprefill" at the default alpha (guard off, then on)."""
-    variants = [("sdpa", None, {}), ("flashprefill", "always sparse", {"speed_guard": False}),
-                ("flashprefill", "speed guard", {"speed_guard": True})]
+    synchronised; "sdpa", then "flashprefill" at the default alpha."""
+    variants = [("sdpa", None, {}), ("flashprefill", "sparse", {})]
     rows = []
     for impl, note, overrides in variants:
         model.set_attn_implementation(impl)

@@ -70,7 +70,7 @@ def answer(impl: str) -> tuple[str, float]:
 
 
 dense, dense_ttft = answer("sdpa")
-sparse, sparse_ttft = answer("flashprefill")  # timed as users run it: no recorder (it turns the speed guard off)
+sparse, sparse_ttft = answer("flashprefill")  # timed as users run it: no recorder
 with torch.inference_mode(), fp_patch.record_density(model) as rec:  # density: one more prefill, recorded
     model(ids, logits_to_keep=1)
 print(f"prompt: {ids.shape[1]} tokens on {args.device}; TTFT = generate() without a recorder")

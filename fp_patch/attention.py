@@ -30,13 +30,13 @@ a mask while compiling                        dense SDPA (``compiled_mask``: che
                                               would need a host sync)
 ============================================  ===========================================
 
-A call that would run sparse on CUDA then passes the speed guard (:mod:`fp_patch.speed`, on by
-default, ``speed_guard=False`` turns it off): it runs dense SDPA instead where that was measured
-faster for this layer and length class, so the prefill is never slower than SDPA.
-
-A layer's next call with the same inputs as its last one (query shape, settings, routing arguments)
-is not routed again: a by-design dense route is repeated as is, a guard plan until the guard next
-times a path, and then the guard is asked again on the same route (see ``_LastRoute``).
+Routing is a pure function of the call (shapes, dtype, device, mask, keyword arguments, the module's
+``layer_idx``/``is_causal``/``sliding_window``) and the settings (:class:`fp_patch.FlashPrefillConfig`):
+no timings, no call counters, nothing kept on the modules between calls. The same prompt with the
+same settings runs the same kernels and gives the same bits. Below ``min_sparse_len`` (per model in
+:data:`fp_patch.MODEL_DEFAULTS`) a call is exactly Transformers' SDPA call, so the logits are those of
+``attn_implementation="sdpa"`` bit for bit. :func:`fp_patch.record_density` sees exactly these calls
+(recording only asks the operator for its block lists as well).
 
 Each fallback reason is logged once (INFO for the by-design ones, WARNING otherwise); with
 ``strict=True`` the non-by-design ones raise :class:`FlashPrefillFallbackError` instead.
@@ -49,18 +49,18 @@ per forward pass (the result is reused by every layer that gets the same mask te
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
+from typing import NamedTuple
 
+import fp_kernels
 import torch
-from torch.nn.functional import scaled_dot_product_attention
+from fp_kernels import SUPPORTED_HEAD_DIMS
+from fp_kernels.api import kernel_backend_reason
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .config import MODULE_ATTR, config_for_module
-from .recording import _ACTIVE as _RECORDERS
+from .config import config_for_module
 from .recording import active_recorder
-from .speed import GUARD as SPEED_GUARD
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,26 @@ _logged: set[str] = set()
 
 class FlashPrefillFallbackError(RuntimeError):
     """A call that should run sparse cannot (raised only with ``strict=True``)."""
+
+
+class Sparse(NamedTuple):
+    """A call routed to FlashPrefill: the first ``k_len`` keys are real; ``kv_start``/``kv_end`` are
+    ``(B,)`` int32 device tensors of each batch row's valid key range, or ``None`` (all ``k_len``)."""
+
+    k_len: int
+    kv_start: torch.Tensor | None = None
+    kv_end: torch.Tensor | None = None
+
+
+class Dense(NamedTuple):
+    """A call routed to dense SDPA, and why: ``reason`` is a short key (``"decode"``,
+    ``"short_query"``...; see :data:`BY_DESIGN`), ``detail`` a sentence for the log."""
+
+    reason: str
+    detail: str
+
+
+Route = Sparse | Dense
 
 
 def _compiling() -> bool:
@@ -169,7 +189,7 @@ def _allowed(rows: torch.Tensor):
 
 
 def _analyse_mask(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
-    """``(k_eff, kv_start, kv_end)`` when ``mask`` is a causal per-row key range, else ``(reason, detail)``.
+    """:class:`Sparse` when ``mask`` is a causal per-row key range, else :class:`Dense`.
 
     Each batch row's range ``[start, end)`` is read from the last query row (it sees every valid key),
     then the whole mask is compared with the operator's mask for three key lengths ``k_eff`` (keys past
@@ -204,24 +224,24 @@ def _analyse_mask(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
     n = start.shape[0]
     starts, ends = host[5 : 5 + n], host[5 + n :]
     if not values_ok_h:
-        return "mask_not_range", "additive mask with biases other than 0 / -inf"
+        return Dense("mask_not_range", "additive mask with biases other than 0 / -inf")
     for ok, k_eff in zip(ok_flags, (k_len, e_max_h, q_len), strict=True):
         if ok and q_len <= k_eff <= k_len:
             break
     else:
-        return "mask_not_range", "mask is not a causal key range per row (packed sequences, custom masks...)"
+        return Dense("mask_not_range", "mask is not a causal key range per row (packed sequences, custom masks...)")
     if all(s == 0 for s in starts) and all(e == k_eff for e in ends):
-        return k_eff, None, None
+        return Sparse(k_eff)
     kv_start = start.to(torch.int32).expand(batch).contiguous()
     kv_end = end.to(torch.int32).expand(batch).contiguous()
-    return k_eff, kv_start, kv_end
+    return Sparse(k_eff, kv_start, kv_end)
 
 
-def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
+def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int) -> Route:
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[2] != q_len:
-        return "mask_layout", f"mask of shape {tuple(mask.shape)} (expected [B or 1, 1, Lq, Lk])"
+        return Dense("mask_layout", f"mask of shape {tuple(mask.shape)} (expected [B or 1, 1, Lq, Lk])")
     if mask.shape[-1] < k_len:
-        return "mask_layout", f"mask has {mask.shape[-1]} key columns for {k_len} keys"
+        return Dense("mask_layout", f"mask has {mask.shape[-1]} key columns for {k_len} keys")
     cached = _mask_cache[0]
     key = (_version(mask), q_len, k_len, batch)
     if cached is not None and cached[0]() is mask and cached[1] == key:
@@ -231,104 +251,47 @@ def _mask_ranges(mask: torch.Tensor, batch: int, q_len: int, k_len: int):
     return result
 
 
-# -- a layer's steady state -------------------------------------------------------------------------
-
-LAST_ROUTE = "_flashprefill_last_route"  # on the module: its last call and how it ran (a _LastRoute)
-# keyword arguments whose values take part in routing: a reused plan needs the very same values
-_ROUTING_KWARGS = ("is_causal", "sliding_window", *_UNSUPPORTED_KWARGS)
-# keyword arguments Transformers' SDPA function acts on (its named ones and those it reads from **kwargs):
-# a repeated dense call with none of them may call torch's SDPA itself (see _LastRoute.direct)
-_SDPA_KWARGS = frozenset(
-    [*(p.name for p in list(inspect.signature(sdpa_attention_forward).parameters.values())[7:]
-       if p.kind is not inspect.Parameter.VAR_KEYWORD),
-     "softcap", "output_attentions", "head_mask", *_UNSUPPORTED_KWARGS]
-)
-
-
-class _LastRoute:
-    """One layer's last call and how it ran, which its next calls with the same inputs repeat without
-    routing again: a by-design dense route (``plan`` None: whatever the keys, values and mask), or the
-    speed guard's plan (no mask, the same keys and values; until the guard next times a path,
-    :meth:`fp_patch.speed.Plan.reuse`, and then the guard is asked on the same route). On a small model
-    every microsecond of a layer's Python is part of the time to first token: in a real forward pass
-    (caches cold) routing and planning cost a layer ~50 µs on the H100's host, about what Transformers'
-    whole SDPA call costs; the check in :func:`flashprefill_attention_forward` is written to run few
-    Python frames. Module attributes (``is_causal``, ``sliding_window``) are taken to stay as they are.
-
-    ``direct``: a repeated dense call that is causal prefill without a mask (``Lq == Lk > 1``), on CUDA
-    or the CPU, with equal key/value head dims <= 256 and none of the keyword arguments Transformers'
-    SDPA function acts on, calls ``torch.nn.functional.scaled_dot_product_attention`` itself, exactly as
-    Transformers' function does for such a call (``is_causal=True``, ``enable_gqa`` for grouped heads,
-    output ``[B, L, H, D]`` contiguous): the same kernel, ~8 µs less host time per layer."""
-
-    __slots__ = ("inputs", "kv_shapes", "kw_routing", "guard", "plan", "route", "alpha", "direct", "gqa")
-
-    def __init__(self, module, query, key, value, kwargs, plan=None, route=None, alpha=None):
-        # compared as one tuple (built the same way in flashprefill_attention_forward); the settings
-        # object by identity first, so unchanged settings cost nothing
-        self.inputs = (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR), tuple(kwargs))
-        self.kv_shapes = (key.shape, value.shape)
-        self.kw_routing = tuple((name, kwargs[name]) for name in _ROUTING_KWARGS if name in kwargs)
-        self.guard, self.plan, self.route, self.alpha = SPEED_GUARD.dense, plan, route, alpha
-        self.direct = (
-            query.device.type in ("cuda", "cpu")
-            and query.shape[2] > 1
-            and bool(getattr(module, "is_causal", True))  # an is_causal keyword is one of _SDPA_KWARGS
-            and key.shape[-1] == value.shape[-1] <= 256
-            and _SDPA_KWARGS.isdisjoint(kwargs)
-        )
-        self.gqa = getattr(module, "num_key_value_groups", 1) > 1
-
-    @property
-    def cfg(self):
-        """The settings the call ran with (part of :attr:`inputs`)."""
-        return self.inputs[3]
-
-
 # -- the attention function -------------------------------------------------------------------------
 
 
-def _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx):
-    """``(k_eff, kv_start, kv_end)`` for a sparse call, or ``(reason, detail)`` for a dense one."""
-    from fp_kernels import SUPPORTED_HEAD_DIMS
-
+def route(module, query, key, value, attention_mask, dropout, kwargs, cfg) -> Route:
+    """Where a (non-packed) call runs: :class:`Sparse` or :class:`Dense`, from the call and the
+    settings alone (the table in the module docstring, in order)."""
     batch, _, q_len, head_dim = query.shape
     k_len = key.shape[2]
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     if not is_causal:
-        return "non_causal", "non-causal attention (vision/encoder) is always dense"
+        return Dense("non_causal", "non-causal attention (vision/encoder) is always dense")
     if q_len == 1:
-        return "decode", "one query token"
+        return Dense("decode", "one query token")
     if dropout > 0 or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        return "training", (
+        return Dense("training", (
             "inputs need gradients or dropout: the sparse operator is inference-only (no backward); "
             "run under torch.no_grad() or torch.inference_mode() for the sparse path"
-        )
+        ))
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            return "unsupported_argument", f"the sparse operator does not implement {name!r}"
+            return Dense("unsupported_argument", f"the sparse operator does not implement {name!r}")
     if kwargs.get("sliding_window", getattr(module, "sliding_window", None)) is not None:
-        return "sliding_window", "sliding-window layers are already local"
-    if layer_idx in cfg.dense_layers:
-        return "dense_layer", "layer listed in dense_layers"
+        return Dense("sliding_window", "sliding-window layers are already local")
+    if getattr(module, "layer_idx", None) in cfg.dense_layers:
+        return Dense("dense_layer", "layer listed in dense_layers")
     if q_len < cfg.min_sparse_len:
-        return "short_query", f"fewer than min_sparse_len={cfg.min_sparse_len} query tokens"
+        return Dense("short_query", f"fewer than min_sparse_len={cfg.min_sparse_len} query tokens")
     if head_dim not in SUPPORTED_HEAD_DIMS or value.shape[-1] != head_dim:
-        return "head_dim", f"head dim {head_dim}/{value.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
+        return Dense("head_dim", f"head dim {head_dim}/{value.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})")
     if cfg.backend == "auto" and query.device.type != "cpu":
-        from fp_kernels.api import kernel_backend_reason
-
         why = kernel_backend_reason(query)
         if why is not None:
-            return "device_dtype", why
+            return Dense("device_dtype", why)
     if attention_mask is None:
         # Lk > Lq without a mask only happens on an empty StaticCache: the first Lq keys are the prompt,
         # the rest unfilled slots (Transformers' sdpa_attention_forward cuts them off the same way)
-        return q_len, None, None
+        return Sparse(q_len)
     if _compiling():
-        return "compiled_mask", "checking a mask under torch.compile would need a host sync"
+        return Dense("compiled_mask", "checking a mask under torch.compile would need a host sync")
     return _mask_ranges(attention_mask, batch, q_len, k_len)
 
 
@@ -343,109 +306,60 @@ def flashprefill_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Transformers attention function for ``attn_implementation="flashprefill"`` (see module docstring)."""
-    compiling = torch.compiler.is_compiling()
+    compiling = _compiling()
+    cfg = config_for_module(module, cache=not compiling)
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    last = None if compiling else module.__dict__.get(LAST_ROUTE)
-    # a repeat of the layer's last call (see _LastRoute): kept inline, every Python frame costs here
-    if (
-        last is not None
-        and last.inputs == (query.shape, query.dtype, query.get_device(), module.__dict__.get(MODULE_ATTR),
-                            tuple(kwargs))
-        and not dropout
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and not _RECORDERS
-        and (not last.kw_routing or all(kwargs[name] is v for name, v in last.kw_routing))
-    ):
-        plan = last.plan
-        dense = plan is None  # a by-design dense route: whatever the keys, values and mask
-        if not dense and attention_mask is None and (key.shape, value.shape) == last.kv_shapes \
-                and SPEED_GUARD.dense is last.guard:
-            if plan.reuse():
-                # untimed, so also fine while a CUDA graph is captured: the graph gets the layer's current choice
-                if plan.path == "sparse":
-                    return _sparse(query, key, value, last.route, last.cfg, last.alpha, scaling), None
-                dense = True
-            elif SPEED_GUARD.usable(query):  # no repeat left: the route stands, the guard is asked again
-                plan = last.plan = SPEED_GUARD.plan(
-                    module, getattr(module, "layer_idx", None), query, last.route[0], last.alpha, False
-                )
-                return _run_plan(plan, module, query, key, value, None, dropout, scaling, kwargs, last.route,
-                                 last.cfg, last.alpha)
-        if dense:
-            if last.direct and attention_mask is None and key.shape[2] == query.shape[2]:
-                return scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
-                                                    enable_gqa=last.gqa).transpose(1, 2).contiguous(), None
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-    cfg = config_for_module(module, cache=not compiling)
-    layer_idx = getattr(module, "layer_idx", None)
-    q_len, k_len = query.shape[2], key.shape[2]
-
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is not None or cu_k is not None:
-        _fallback(module, "packed_sequences", "packed sequences run dense SDPA per sequence", cfg, q_len, k_len)
-        is_causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        cu_q = cu_k if cu_q is None else cu_q
-        cu_k = cu_q if cu_k is None else cu_k
-        return _sdpa_packed(query, key, value, cu_q, cu_k, bool(causal), dropout, scaling), None
-
-    route = _route(module, query, key, value, attention_mask, dropout, kwargs, cfg, layer_idx)
-    if isinstance(route[0], str):
-        _fallback(module, route[0], route[1], cfg, q_len, k_len)
-        if route[0] in BY_DESIGN and not compiling:
-            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs)
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return _packed(module, query, key, value, dropout, scaling, kwargs, cfg), None
+    where = route(module, query, key, value, attention_mask, dropout, kwargs, cfg)
+    if type(where) is Dense:
+        _fallback(module, where.reason, where.detail, cfg, query.shape[2], key.shape[2])
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-
-    k_eff = route[0]
+    layer_idx = getattr(module, "layer_idx", None)
     alpha = cfg.alpha_for(layer_idx)
     rec = None if compiling else active_recorder()
-    if cfg.speed_guard and rec is None and not compiling and SPEED_GUARD.usable(query):
-        # decided before any tensor work: a layer the guard runs dense costs about what SDPA costs
-        plan = SPEED_GUARD.plan(module, layer_idx, query, k_eff, alpha, attention_mask is not None)
-        if attention_mask is None:
-            module.__dict__[LAST_ROUTE] = _LastRoute(module, query, key, value, kwargs, plan, route, alpha)
-        else:
-            module.__dict__.pop(LAST_ROUTE, None)
-        return _run_plan(plan, module, query, key, value, attention_mask, dropout, scaling, kwargs, route, cfg, alpha)
-    want_info = rec is not None and rec.wants_info
-    result = _sparse(query, key, value, route, cfg, alpha, scaling, want_info)
+    if rec is None:
+        return _sparse(query, key, value, where, cfg, alpha, scaling), None
+    want_info = rec.wants_info
+    result = _sparse(query, key, value, where, cfg, alpha, scaling, want_info)
     out, info = result if want_info else (result, None)
-    if rec is not None:
-        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
 
-        def dense_fn():
-            return _sdpa(module, query, key, value, attention_mask, 0.0, scale, kwargs)[0]
+    def dense_fn():
+        return _sdpa(module, query, key, value, attention_mask, 0.0, scale, kwargs)[0]
 
-        k_eff, kv_start, kv_end = route
-        rec.add_sparse(
-            module, layer_idx, info, q_len=q_len, k_len=k_eff, out=out, dense_fn=dense_fn,
-            q=query.transpose(1, 2), k=key.transpose(1, 2)[:, :k_eff], scale=scale, kv_start=kv_start, kv_end=kv_end,
-        )
+    k_eff = where.k_len
+    rec.add_sparse(
+        module, layer_idx, info, q_len=query.shape[2], k_len=k_eff, out=out, dense_fn=dense_fn,
+        q=query.transpose(1, 2), k=key.transpose(1, 2)[:, :k_eff], scale=scale, kv_start=where.kv_start,
+        kv_end=where.kv_end,
+    )
     return out, None
 
 
-def _run_plan(plan, module, query, key, value, attention_mask, dropout, scaling, kwargs, route, cfg, alpha):
-    """The speed guard's ``plan`` for a call routed sparse (timed when the plan says so)."""
-    if plan.path == "dense":
-        return SPEED_GUARD.run(
-            plan, query.device, lambda: _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        )
-    return SPEED_GUARD.run(plan, query.device, lambda: _sparse(query, key, value, route, cfg, alpha, scaling)), None
+def _packed(module, query, key, value, dropout, scaling, kwargs, cfg):
+    """``cu_seq_lens_q/k`` calls: dense SDPA per sequence (logged/recorded as ``packed_sequences``)."""
+    _fallback(module, "packed_sequences", "packed sequences run dense SDPA per sequence", cfg, query.shape[2],
+              key.shape[2])
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    is_causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    cu_q = cu_k if cu_q is None else cu_q
+    cu_k = cu_q if cu_k is None else cu_k
+    return _sdpa_packed(query, key, value, cu_q, cu_k, bool(causal), dropout, scaling)
 
 
-def _sparse(query, key, value, route, cfg, alpha: float, scaling, want_info: bool = False):
-    """The FlashPrefill operator on Transformers' ``[B, H, L, D]`` tensors (viewed as ``[B, L, H, D]``)."""
-    from fp_kernels import flash_prefill
-
-    k_eff, kv_start, kv_end = route
+def _sparse(query, key, value, where: Sparse, cfg, alpha: float, scaling, want_info: bool = False):
+    """The FlashPrefill operator on Transformers' ``[B, H, L, D]`` tensors (viewed as ``[B, L, H, D]``);
+    ``(out, info)`` with ``want_info``, else ``out``."""
+    k_eff = where.k_len
     q = query.transpose(1, 2)
     k = key.transpose(1, 2)[:, :k_eff]
     v = value.transpose(1, 2)[:, :k_eff]
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    return flash_prefill(
+    return fp_kernels.flash_prefill(  # looked up per call: tests and tools may wrap it
         q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
-        cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select,
+        cfg.min_budget, scale, kv_start=where.kv_start, kv_end=where.kv_end, group_select=cfg.group_select,
         return_info=want_info, backend=cfg.backend,
     )

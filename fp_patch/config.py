@@ -9,6 +9,10 @@ reads): one object with the field names below as keys; every key is optional (mi
 dataclass defaults), unknown keys are an error. ``layer_alpha`` is an object keyed by layer index::
 
     {"alpha": 0.12, "block_size": 128, "dense_layers": [0, 1], "layer_alpha": {"5": 0.2}}
+
+Files written before the runtime speed guard was removed carry a ``"speed_guard"`` key: it is
+ignored, with one logged warning (which calls run sparse is now decided by ``min_sparse_len`` and
+``dense_layers`` alone; :mod:`fp_tools.speed_calibration` measures both for a model and GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "reference")
+RETIRED_KEY = "speed_guard"  # a field of older versions; from_dict ignores it (one warning)
+_retired_logged: list = []
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -53,7 +59,11 @@ class FlashPrefillConfig:
         last_dense_blocks: the final query blocks of the prompt are computed densely.
         min_budget: additionally keep the ``min_budget`` best-scoring key blocks of each query block.
         min_sparse_len: calls with fewer query tokens than this run dense SDPA (short prompts gain
-            nothing from block skipping; decode, one token, is always dense).
+            nothing from block skipping; decode, one token, is always dense). Together with
+            ``dense_layers`` this is the whole speed policy: which calls run sparse is a pure
+            function of the call and these settings (never of timings), so one prompt gives one
+            answer. Per-model values live in :data:`MODEL_DEFAULTS`; ``flashprefill calibrate
+            MODEL --speed`` measures them on your GPU.
         dense_layers: layer indices that always run dense SDPA (e.g. ``(0, 1)``).
         layer_alpha: per-layer ``alpha`` overrides, ``{layer_idx: alpha}``.
         group_select: one block selection per GQA group (union of its query heads) instead of one
@@ -61,12 +71,6 @@ class FlashPrefillConfig:
         backend: ``"auto"`` (Triton kernels where they run, the PyTorch reference on the CPU, dense
             SDPA on other devices/dtypes the kernels can't take), ``"triton"`` (kernels or an error)
             or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
-        speed_guard: on CUDA, time the sparse and the dense path of each layer and length class (CUDA
-            events, read back without a host sync) and run the faster one, so prefill is never
-            slower than dense SDPA where it measured (see :mod:`fp_patch.speed`). ``False`` runs every
-            eligible call sparse, e.g. to study accuracy at a fixed sparsity. Off under
-            ``torch.compile`` and :func:`fp_patch.record_density`, and on the CPU; during CUDA-graph
-            capture it measures nothing (a settled layer's choice is captured, others run sparse).
         strict: raise :class:`fp_patch.FlashPrefillFallbackError` instead of silently running dense
             SDPA when a call that should be sparse cannot be (unsupported head dim, mask, device...).
             Calls that are dense by design (decode, short or non-causal queries, sliding-window and
@@ -84,7 +88,6 @@ class FlashPrefillConfig:
     layer_alpha: Mapping[int, float] = field(default_factory=dict)
     group_select: bool = False
     backend: str = "auto"
-    speed_guard: bool = True
     strict: bool = False
 
     def __post_init__(self):
@@ -107,7 +110,7 @@ class FlashPrefillConfig:
             layer = int(key) if isinstance(key, str) and key.isdigit() else key
             overrides[_check_int("layer_alpha key", layer, 0)] = _check_alpha(f"layer_alpha[{layer}]", value)
         object.__setattr__(self, "layer_alpha", dict(sorted(overrides.items())))
-        for name in ("group_select", "speed_guard", "strict"):
+        for name in ("group_select", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
@@ -136,9 +139,20 @@ class FlashPrefillConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> FlashPrefillConfig:
-        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ``ValueError``."""
+        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ``ValueError``
+        (except the retired ``"speed_guard"``: ignored, with one logged warning)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"expected a mapping of FlashPrefillConfig fields, got {type(data).__name__}")
+        if RETIRED_KEY in data:
+            data = {key: value for key, value in data.items() if key != RETIRED_KEY}
+            if not _retired_logged:
+                _retired_logged.append(True)
+                logger.warning(
+                    "flashprefill: the setting %r is ignored: the runtime speed guard was removed; which calls "
+                    "run sparse is decided by min_sparse_len and dense_layers (measure them with "
+                    "`flashprefill calibrate MODEL --speed`). Delete the key to silence this warning.",
+                    RETIRED_KEY,
+                )
         unknown = set(data) - set(field_names())
         if unknown:
             raise ValueError(f"unknown FlashPrefillConfig field(s) {sorted(unknown)}; valid: {field_names()}")
@@ -164,15 +178,18 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(FlashPrefillConfig)]
 
 
-# Published per-model alphas (official FlashPrefill code); everything else keeps the defaults above.
+# Per-model defaults: the published alphas (official FlashPrefill code) and the prompt length from
+# which sparse prefill is faster than dense SDPA (min_sparse_len); everything else keeps the
+# dataclass defaults above. The min_sparse_len values are the generic one until measured on an
+# H200 (benchmarks/crossover.py, `flashprefill calibrate MODEL --speed`).
 MODEL_DEFAULTS: dict[str, dict] = {
-    "llama": {"alpha": 0.18},
-    "qwen2": {"alpha": 0.08},
-    "qwen3": {"alpha": 0.12},
-    "qwen3_moe": {"alpha": 0.12},
-    "qwen2_5_vl": {"alpha": 0.10},
-    "qwen3_vl": {"alpha": 0.22},
-    "qwen3_vl_moe": {"alpha": 0.22},
+    "llama": {"alpha": 0.18, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen2": {"alpha": 0.08, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen3": {"alpha": 0.12, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen3_moe": {"alpha": 0.12, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen2_5_vl": {"alpha": 0.10, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen3_vl": {"alpha": 0.22, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "qwen3_vl_moe": {"alpha": 0.22, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
 }
 
 _unknown_logged: set[str] = set()

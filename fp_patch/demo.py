@@ -14,11 +14,11 @@ the demo cannot run (model package missing, bad flags). Identical answers are re
 required: sparse attention changes the logits slightly, so a greedy answer may be worded differently
 while still right.
 
-The TTFTs are those of ``generate()`` as a user runs it: no recorder is active (recording turns
-the CUDA speed guard off, so it would time another path); the density table and the maps come from
-one more prefill of the same prompt, recorded. CPU runs the sparse operator's PyTorch reference
-(correct, not fast: its TTFT is not a speed figure); CUDA runs the Triton kernels with the speed
-guard on, timed after one warm-up generation (kernel compilation, first guard measurements).
+The TTFTs are those of ``generate()`` as a user runs it: no recorder is active; the density table
+and the maps come from one more prefill of the same prompt, recorded (recording runs exactly the
+same kernels and routes, it only keeps the block lists). CPU runs the sparse operator's PyTorch
+reference (correct, not fast: its TTFT is not a speed figure); CUDA runs the Triton kernels, timed
+after one warm-up generation (kernel compilation).
 """
 
 from __future__ import annotations
@@ -139,7 +139,6 @@ def run(args) -> int:
     from transformers import AutoConfig
 
     import fp_patch
-    import fp_patch.speed
     from fp_patch.cli_utils import (
         backend_for,
         prefill_progress,
@@ -219,9 +218,8 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     map_layer = n_layers // 2 if args.map_layer is None else args.map_layer
-    # timed as users run it: no recorder (recording turns the CUDA speed guard off)
+    # timed as users run it: no recorder
     answers.append(ask(model, "flashprefill"))
-    guard_dense = fp_patch.speed.dense_fraction() if device.type == "cuda" else None
     # the density table and maps come from one separate prefill, recorded
     with torch.inference_mode(), fp_patch.record_density(model, block_maps=[map_layer]) as rec:
         with prefill_progress(model, "recording density"):
@@ -234,11 +232,9 @@ def run(args) -> int:
     print(f"answers identical: {'yes' if same else 'no'}")
     print(
         "TTFT: time to the first new token of generate() as you would run it (no recorder"
-        + ("; after one warm-up generation; speed guard on" if device.type == "cuda" else "")
+        + ("; after one warm-up generation" if device.type == "cuda" else "")
         + ")"
     )
-    if guard_dense is not None:
-        print(f"speed guard: {guard_dense:.0%} of the layers now run dense SDPA at this length (measured faster)")
     if device.type != "cuda":
         print(
             "(on the CPU the sparse operator runs its PyTorch reference, which checks the math but is not fast; "
@@ -246,7 +242,7 @@ def run(args) -> int:
         )
     print()
     density = rec.density()
-    print("density: one more prefill of the same prompt, recorded (the speed guard is off while recording)")
+    print("density: one more prefill of the same prompt, recorded (the same kernels and routes as the timed one)")
     print(
         f"alpha {cfg.alpha:g}, {cfg.block_size}-token blocks, sink {cfg.sink_blocks}, window {cfg.window_blocks}, "
         f"last dense {cfg.last_dense_blocks}, min_sparse_len {cfg.min_sparse_len}"
@@ -264,9 +260,8 @@ def run(args) -> int:
         "density": density,
         "answers": [asdict(a) for a in answers],
         "answers_identical": same,
-        "ttft_timed": "generate() without a recorder" + (", speed guard on" if device.type == "cuda" else ""),
-        "density_from": "one separate recorded prefill (speed guard off)",
-        "speed_guard_dense_fraction": guard_dense,
+        "ttft_timed": "generate() without a recorder",
+        "density_from": "one separate recorded prefill (same routes and kernels)",
     }
     path = Path(args.out) / "demo_result.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

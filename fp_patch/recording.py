@@ -8,6 +8,10 @@ Usage::
     print(rec.summary())
     rec.plot("heatmap", path="density.png")
 
+What is recorded is exactly what runs in production: routing depends on the call and the settings
+only, so a recorded forward pass takes the same routes and runs the same kernels as an unrecorded
+one, with the same outputs bit for bit; recording only asks the operator for its block lists too.
+
 Cost model. While recording, every call stores references to small device tensors (the operator's
 ``[B, Hq]`` density and block counts) and Python ints; nothing is copied to the host and no host
 sync happens inside the forward. The first read (``to_frame``, ``summary``, plots) moves everything

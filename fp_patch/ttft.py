@@ -9,37 +9,43 @@
     flashprefill bench --ttft --model llama8b --profile --lengths 32768 131072
 
 Models: ``smollm2`` is the embedded real model (needle prompts over real prose: each
-implementation's answer is checked). ``llama8b`` (Llama-3.1-8B: 32 layers, 32/8 heads, D=128) and
-``qwen3moe`` (Qwen3-30B-A3B: 48 layers, 32/4 heads, D=128, 128 experts, 8 active; ``--layers``
-keeps the first N layers, stated in the results) have random weights, built on the GPU: their
-attention is near uniform, so selection keeps almost every block; that density is reported as
-measured. ``--densities`` adds clearly labelled runs where the real selection still runs (its cost
-is included) but its block lists are replaced by random ones of the given density: what the rest of
-the model costs around sparse attention at that density.
+implementation's answer is checked). ``llama8b`` (Llama-3.1-8B: 32 layers, 32/8 heads, D=128),
+``qwen2.5-7b`` (28 layers, 28/4 heads, D=128) and ``qwen3moe`` (Qwen3-30B-A3B: 48 layers, 32/4 heads,
+D=128, 128 experts, 8 active; ``--layers`` keeps the first N layers, stated in the results) have
+random weights, built on the GPU: their attention is near uniform, so selection keeps almost every
+block; that density is reported as measured.
 
-Rows per length: ``sdpa``; ``flashprefill`` (the default, speed guard on: layers where dense was
-measured faster run dense); ``flashprefill/sparse`` (``speed_guard=False``: every layer sparse).
-The first call of each (kernel compilation, first measurements) is reported apart from the steady
-state (median of ``--repeats`` calls); ``--warmup N`` reports the first N apart (the speed guard
-measures both paths on the first two calls of a new length class, a third may still finish that).
-``--ten-lengths L`` times ten prompts of ten different lengths near ``L`` against ten of one
-length, and counts Triton compilations. ``--profile`` splits the GPU time of one prefill into index
-building, sparse attention, dense attention and the rest.
+Rows per length: ``sdpa``; ``flashprefill`` (the model's settings: real selection at its alpha);
+``flashprefill @X% fixed`` for each ``--densities`` X: the real operator with ``alpha=1.0`` and
+``min_budget`` solved for X (:func:`fp_patch.budget.budget_for_density`), so the real selection runs
+with its real cost on every call and keeps about X of the blocks. Which calls run sparse depends on
+the prompt length and the settings only (``min_sparse_len``, the model's default unless
+``--min-sparse-len`` is given). Every flashprefill row runs one more, recorded, prefill with exactly
+the same settings and reports the density it computed and its path (how many attention layers ran
+sparse); a row whose prompt is at least ``min_sparse_len`` but where a layer ran dense is flagged.
+The first call of each variant (kernel compilation) is reported apart from the steady state (median
+of ``--repeats`` calls); ``--warmup N`` reports the first N apart. ``--ten-lengths L`` times ten
+prompts of ten different lengths near ``L`` against ten of one length. ``--profile`` splits the GPU
+time of one prefill into index building, sparse attention, dense attention and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
+import logging
+import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-MODELS = ("smollm2", "llama8b", "qwen3moe")
+logger = logging.getLogger(__name__)
+
+MODELS = ("smollm2", "llama8b", "qwen2.5-7b", "qwen3moe")
 
 
 def _sync():
@@ -86,6 +92,11 @@ def build_random(name: str, layers: int | None, device: str):
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144, rope_theta=500000.0,
         )
+    elif name == "qwen2.5-7b":
+        config = transformers.Qwen2Config(
+            hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28, num_attention_heads=28,
+            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=262144, rope_theta=1000000.0,
+        )
     elif name == "qwen3moe":
         config = transformers.Qwen3MoeConfig(
             hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=layers or 48,
@@ -100,47 +111,21 @@ def build_random(name: str, layers: int | None, device: str):
     return model.eval()
 
 
-@contextlib.contextmanager
-def fixed_density(density: float | None):
-    """Replace the selected block lists by random ones of ``density`` (the selection still runs)."""
-    if density is None:
-        yield
-        return
-    from fp_kernels import pipeline
-    from fp_kernels.synthetic import random_block_lists
-
-    real = pipeline.select_blocks
-    cache: dict = {}
-
-    def select(q, *args, **kwargs):
-        index, count = real(q, *args, **kwargs)
-        key = (tuple(index.shape), q.device)
-        if key not in cache:
-            batch, heads = index.shape[:2]
-            q_len, k_len = q.shape[1], args[1]
-            block_size = args[3]
-            cache[key] = random_block_lists(batch, heads, q_len, k_len, block_size, density, device=q.device)
-        return cache[key]
-
-    pipeline.select_blocks = select
+def git_commit() -> str:
+    """The checkout's commit (``FLASHPREFILL_COMMIT`` when set, e.g. on a machine given a copy
+    without ``.git``), with ``+dirty`` for uncommitted changes; ``"unknown"`` when neither tells."""
+    env = os.environ.get("FLASHPREFILL_COMMIT")
+    if env:
+        return env
+    root = Path(__file__).resolve().parent.parent
     try:
-        yield
-    finally:
-        pipeline.select_blocks = real
-
-
-def triton_compilations() -> int | None:
-    """Compiled variants held by the three FlashPrefill kernels (``None`` if this Triton hides them)."""
-    from fp_kernels import pool, select, sparse_attention
-
-    total = 0
-    for fn in (pool._pool_keys_kernel, select._select_blocks_kernel, sparse_attention._sparse_attention_kernel):
-        caches = getattr(fn, "device_caches", None)
-        if caches is None:
-            return None
-        for entry in caches.values():
-            total += len(entry[0]) if isinstance(entry, tuple) else len(entry)
-    return total
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 KERNEL_GROUPS = (
@@ -189,7 +174,7 @@ def group_kernel_times(times: list[tuple[str, float]]) -> dict:
     return groups
 
 
-def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
+def prompt_inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     """``(inputs, needle number)``: a needle prompt with a tokenizer, else random ids (seeded by length)."""
     if tokenizer is not None:
         from fp_patch.demo import needle_prompt
@@ -201,104 +186,114 @@ def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     return {"input_ids": torch.randint(0, vocab, (1, length), device=device, generator=gen)}, None
 
 
-def _density(model, inputs) -> float | None:
-    """Measured block density of one prefill; ``None`` when no call ran sparse (prompt below
-    ``min_sparse_len``)."""
+def checked_pass(model, inputs) -> dict:
+    """One recorded prefill with the model's current settings (the same routes and kernels as an
+    unrecorded one): ``density`` (blocks computed over causal blocks of the sparse layers, ``None``
+    when none ran sparse), ``sparse_layers`` (attention layers that ran sparse), ``layers`` (decoder
+    attention layers) and ``dense_reasons`` (why the others ran dense)."""
     import fp_patch
+    from fp_patch.config import is_decoder_attention
 
     with torch.no_grad(), fp_patch.record_density(model) as rec:
         model(**inputs, logits_to_keep=1)
+    frame = rec.to_frame()
     density = rec.density()
-    return None if density != density else density
+    fallbacks = rec.fallback_frame()
+    return {
+        "density": None if density != density else density,
+        "sparse_layers": int(frame["layer"].nunique()) if len(frame) else 0,
+        "layers": sum(is_decoder_attention(m) for m in model.modules()),
+        "dense_reasons": sorted(set(fallbacks["reason"])) if len(fallbacks) else [],
+    }
+
+
+def path_text(row: dict) -> str:
+    """``"sparse 32/32 layers"``, ``"dense (short_query)"`` or ``"-"`` (sdpa)."""
+    if row.get("layers") is None:
+        return "-"
+    if not row["sparse_layers"]:
+        return "dense (" + ", ".join(row["dense_reasons"]) + ")"
+    return f"sparse {row['sparse_layers']}/{row['layers']} layers"
 
 
 def _variants(densities: list[float]):
-    """(impl, label, speed_guard, fixed density) of one length."""
-    yield "sdpa", "sdpa", None, None
-    yield "flashprefill", "flashprefill", True, None
-    yield "flashprefill", "flashprefill/sparse", False, None
+    """(impl, label, fixed density) of one length."""
+    yield "sdpa", "sdpa", None
+    yield "flashprefill", "flashprefill", None
     for d in densities:
-        yield "flashprefill", f"flashprefill @{d:.0%} fixed", True, d
+        yield "flashprefill", f"flashprefill @{d:.0%} fixed", d
+
+
+def variant_settings(defaults, alpha: float, min_sparse_len: int, density: float | None, length: int):
+    """The settings of a flashprefill row: the model's at ``alpha``, or for a fixed ``density``
+    ``alpha=1.0`` and the ``min_budget`` that gives it at ``length`` tokens."""
+    from fp_patch.budget import budget_for_density
+
+    cfg = defaults.replace(alpha=alpha, min_sparse_len=min_sparse_len)
+    if density is None:
+        return cfg
+    budget = budget_for_density(length, density, cfg.block_size, cfg.sink_blocks, cfg.window_blocks,
+                                cfg.last_dense_blocks)
+    return cfg.replace(alpha=1.0, min_budget=budget)
 
 
 def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_row=None) -> list[dict]:
     """One row per (length, variant), appended to ``rows``; ``on_row()`` after each (saves partial results).
 
     The variants of one length take turns call by call (first calls, then ``repeats`` rounds; each
-    round starts one variant further on, so none always runs right after the same other), and each
-    keeps its own speed-guard measurements (:meth:`fp_patch.speed.SpeedGuard.swap`). A drift of the
-    GPU clock or of the host over the run touches all of them alike, and the speed-up is also given
-    per round (``speedup_paired``: median and quartiles of ``sdpa / variant`` over the rounds), which
-    cancels the drift between rounds that the ratio of medians still carries.
+    round starts one variant further on, so none always runs right after the same other). A drift of
+    the GPU clock or of the host over the run touches all of them alike, and the speed-up is also
+    given per round (``speedup_paired``: median and quartiles of ``sdpa / variant`` over the rounds),
+    which cancels the drift between rounds that the ratio of medians still carries. After the timed
+    calls each flashprefill row runs :func:`checked_pass` with the very same settings.
     """
     import fp_patch
-    from fp_patch import speed
-    from fp_patch.attention import LAST_ROUTE
-    from fp_patch.config import is_decoder_attention
 
     rows = [] if rows is None else rows
     defaults = fp_patch.defaults_for(model.config.model_type)
     alpha = args.alpha if args.alpha is not None else defaults.alpha
+    min_sparse_len = args.min_sparse_len if args.min_sparse_len is not None else defaults.min_sparse_len
     variants = [v for v in _variants(args.densities) if v[1] == "sdpa" or not args.only or v[1] in args.only]
-    settings = {label: defaults.replace(alpha=alpha, min_sparse_len=args.min_sparse_len, speed_guard=guard)
-                for _, label, guard, _ in variants if guard is not None}
-    layers = [m for m in model.modules() if is_decoder_attention(m)]
-
-    def swap_routes(routes: list | None) -> list:
-        """Put in a variant's own last route per layer (``None``: none yet); return the current ones."""
-        current = [m.__dict__.pop(LAST_ROUTE, None) for m in layers]
-        for m, route in zip(layers, routes or [], strict=False):
-            if route is not None:
-                m.__dict__[LAST_ROUTE] = route
-        return current
-
-    @contextlib.contextmanager
-    def active(variant, states: dict):
-        """The model set up as ``variant``, with that variant's own settings object, speed-guard
-        measurements and layers' last routes in place (as if it ran alone)."""
-        impl, label, guard, density = variant
-        model.set_attn_implementation(impl)
-        if impl == "flashprefill":
-            fp_patch.configure(model, settings[label])
-        guard_state, routes = states[label] or (None, None)
-        states[label] = (speed.GUARD.swap(guard_state), swap_routes(routes))
-        try:
-            with fixed_density(density):
-                yield
-        finally:
-            guard_state, routes = states[label]
-            states[label] = (speed.GUARD.swap(guard_state), swap_routes(routes))
+    commit = getattr(args, "commit", None) or git_commit()
 
     for length in args.lengths:
-        inputs, number = _inputs(model, tokenizer, length, args.device)
+        inputs, number = prompt_inputs(model, tokenizer, length, args.device)
         tokens = int(inputs["input_ids"].shape[1])
-        states = {v[1]: None for v in variants}  # None: fresh guard measurements
+        settings = {label: variant_settings(defaults, alpha, min_sparse_len, density, tokens)
+                    for impl, label, density in variants if impl == "flashprefill"}
+
         times: dict[str, list[float]] = {v[1]: [] for v in variants}
         for round_ in range(args.warmup + args.repeats):
             turn = round_ % len(variants)
             for variant in variants[turn:] + variants[:turn]:
-                with active(variant, states):
-                    times[variant[1]].append(ttft(model, inputs, 0)[0])
+                _activate(model, variant, settings)
+                times[variant[1]].append(ttft(model, inputs, 0)[0])
         base = None
         for variant in variants:
-            impl, label, guard, density = variant
+            impl, label, density = variant
             first, later = times[label][0], times[label][args.warmup:]
             steady = statistics.median(later) if later else first
-            row = {"model": args.model, "tokens": tokens, "impl": label,
-                   "alpha": alpha if guard is not None else None, "fixed_density": density,
+            row = {"model": args.model, "tokens": tokens, "impl": label, "commit": commit,
+                   "alpha": None, "min_budget": None, "min_sparse_len": None, "fixed_density": density,
                    "ttft_first_s": first, "ttft_warmup_s": times[label][: args.warmup], "ttft_s": steady,
                    "ttft_all_s": times[label]}
-            with active(variant, states):
-                if impl == "flashprefill":
-                    row["dense_layer_fraction"] = speed.dense_fraction()
-                    row["density"] = density if density is not None else _density(model, inputs)
-                if args.profile:
-                    row["profile_ms"] = profile_prefill(model, inputs)
-                if number is not None:
-                    with torch.no_grad():
-                        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # as the demo
-                    answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
-                    row["answer"], row["found"] = answer, str(number) in answer
+            _activate(model, variant, settings)
+            if impl == "flashprefill":
+                cfg = settings[label]
+                row.update(alpha=cfg.alpha, min_budget=cfg.min_budget, min_sparse_len=cfg.min_sparse_len)
+                row.update(checked_pass(model, inputs))
+                expected_sparse = row["layers"] - len(cfg.dense_layers)
+                row["path_ok"] = tokens < cfg.min_sparse_len or row["sparse_layers"] >= expected_sparse
+                if not row["path_ok"]:
+                    logger.warning("%s at %d tokens: only %d of %d layers ran sparse (%s)", label, tokens,
+                                   row["sparse_layers"], row["layers"], ", ".join(row["dense_reasons"]))
+            if args.profile:
+                row["profile_ms"] = profile_prefill(model, inputs)
+            if number is not None:
+                with torch.no_grad():
+                    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # as the demo
+                answer = tokenizer.decode(out[0, tokens:], skip_special_tokens=True).strip()
+                row["answer"], row["found"] = answer, str(number) in answer
             if base is None:
                 base = steady
             row["speedup_vs_sdpa"] = base / steady
@@ -313,13 +308,21 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     return rows
 
 
+def _activate(model, variant, settings: dict) -> None:
+    """Set ``model`` up as ``variant``: its attention implementation and, for flashprefill, its settings."""
+    import fp_patch
+
+    impl, label, _ = variant
+    model.set_attn_implementation(impl)
+    if impl == "flashprefill":
+        fp_patch.configure(model, settings[label])
+
+
 def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
     """Ten prompts of ten lengths near ``L`` against ten prompts of length ``L``, taking turns (one of
     each, ten times, after one warm-up call each), with ``"flashprefill"`` and, as the control, with
-    ``"sdpa"`` (new shapes cost Transformers and cuDNN something too); Triton compilations are counted
-    across the varied lengths."""
+    ``"sdpa"`` (new shapes cost Transformers and cuDNN something too)."""
     import fp_patch
-    from fp_patch import speed
 
     center = args.ten_lengths
     step = (center // 100) | 1  # odd: the lengths fall on different residues mod 16
@@ -328,29 +331,23 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
     for impl in ("sdpa", "flashprefill"):
         model.set_attn_implementation(impl)
         if impl == "flashprefill":
-            fp_patch.configure(model, min_sparse_len=args.min_sparse_len)
-        speed.reset()
+            defaults = fp_patch.defaults_for(model.config.model_type)
+            min_sparse_len = args.min_sparse_len if args.min_sparse_len is not None else defaults.min_sparse_len
+            fp_patch.configure(model, defaults.replace(min_sparse_len=min_sparse_len))
         totals = {"one_length": 0.0, "ten_lengths": 0.0}
-        compilations = 0
         for first in (center, lengths[0]):
-            warm, _ = _inputs(model, tokenizer, first, args.device)
+            warm, _ = prompt_inputs(model, tokenizer, first, args.device)
             ttft(model, warm, 1)
         for i, length in enumerate(lengths):
             for name, n in (("one_length", center), ("ten_lengths", length)):
-                inputs, _ = _inputs(model, tokenizer, n, args.device, seed=i)
-                before = triton_compilations()
+                inputs, _ = prompt_inputs(model, tokenizer, n, args.device, seed=i)
                 totals[name] += ttft(model, inputs, 0)[0]
-                after = triton_compilations()
-                if name == "ten_lengths" and before is not None:
-                    compilations += after - before
         entry = {name: {"total_s": total} for name, total in totals.items()}
-        entry["ten_lengths"]["triton_compilations"] = None if triton_compilations() is None else compilations
         entry["ratio"] = totals["ten_lengths"] / totals["one_length"]
         result[impl] = entry
         log(
             f"{impl}: ten lengths {lengths}: {totals['ten_lengths'] * 1e3:.0f} ms vs ten x {center}: "
-            f"{totals['one_length'] * 1e3:.0f} ms (ratio {entry['ratio']:.3f}; new Triton compilations "
-            f"{entry['ten_lengths']['triton_compilations']})"
+            f"{totals['one_length'] * 1e3:.0f} ms (ratio {entry['ratio']:.3f})"
         )
     # the flashprefill series at the top level, as before
     result.update({k: result["flashprefill"][k] for k in ("one_length", "ten_lengths", "ratio")})
@@ -360,14 +357,14 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
 def format_row(row: dict) -> str:
     dens = row.get("density")
     dens = "" if dens is None else f" density {dens:6.1%}"
-    guard = row.get("dense_layer_fraction")
-    guard = "" if guard is None else f" dense-by-guard {guard:5.1%}"
+    path = "" if row.get("layers") is None else f" path {path_text(row)}" + ("" if row.get("path_ok", True)
+                                                                            else " (NOT ALL SPARSE)")
     answer = f" {row['answer']!r}" if "answer" in row else ""
     prof = row.get("profile_ms")
     prof = "" if not prof else " | " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items())
     return (f"{row['model']} L={row['tokens']:>6} {row['impl']:>26} ttft {row['ttft_s'] * 1e3:9.1f} ms "
             f"(first {_warmup_text(row)}) x{row['speedup_vs_sdpa']:.2f} per round "
-            f"{_paired_text(row)}{dens}{guard}{answer}{prof}")
+            f"{_paired_text(row)}{dens}{path}{answer}{prof}")
 
 
 def _warmup_text(row: dict) -> str:
@@ -388,25 +385,29 @@ def markdown(results: dict) -> str:
     apart_column = "first call" if warmup == 1 else f"first {warmup} calls"
     lines = [
         f"{results['model_note']}. GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
-        f"transformers {env.get('transformers')}, {env['date']}. TTFT = generate(max_new_tokens=1), median of "
+        f"transformers {env.get('transformers')}, commit {results.get('commit', env.get('commit', '?'))}, "
+        f"{env['date']}. TTFT = generate(max_new_tokens=1), median of "
         f"{results['repeats']} after {apart} (reported apart); the variants take turns call by call, "
         "each round starting one further on. x vs sdpa: ratio of the medians; per round: median "
-        "[quartiles] of sdpa / variant over the rounds.",
+        "[quartiles] of sdpa / variant over the rounds. density and path: measured on one more, recorded, "
+        "prefill with the row's exact settings (fixed rows: alpha=1.0 and the min_budget solved for the "
+        "target density).",
         "",
-        f"| tokens | implementation | density | TTFT ms | x vs sdpa | per round | {apart_column} ms "
-        "| layers dense by the guard |",
+        f"| tokens | implementation | density | path | TTFT ms | x vs sdpa | per round | {apart_column} ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         dens = r.get("density")
         if dens is None:
-            dens = "-" if r["impl"] == "sdpa" else "all dense (< min_sparse_len)"
+            dens = "-"
+        elif r.get("fixed_density"):
+            dens = f"{dens:.1%} (target {r['fixed_density']:.0%}, min_budget {r.get('min_budget')})"
         else:
-            dens = f"{dens:.1%} (fixed)" if r.get("fixed_density") else f"{dens:.1%}"
-        guard = r.get("dense_layer_fraction")
+            dens = f"{dens:.1%}"
+        path = path_text(r) + ("" if r.get("path_ok", True) else " **not all sparse**")
         lines.append(
-            f"| {r['tokens']} | {r['impl']} | {dens} | {r['ttft_s'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} "
-            f"| {_paired_text(r)} | {_warmup_text(r)} | {'-' if guard is None else f'{guard:.0%}'} |"
+            f"| {r['tokens']} | {r['impl']} | {dens} | {path} | {r['ttft_s'] * 1e3:.1f} | "
+            f"{r['speedup_vs_sdpa']:.2f} | {_paired_text(r)} | {_warmup_text(r)} |"
         )
     profiled = [r for r in results["rows"] if r.get("profile_ms")]
     if profiled:
@@ -433,17 +434,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--alpha", type=float, default=None, help="default: the model's published alpha")
     parser.add_argument("--densities", type=float, nargs="*", default=[],
-                        help="extra runs at these fixed densities (random block lists), e.g. 0.05 0.2")
+                        help="extra rows at these fixed densities (alpha=1.0 with the min_budget that gives "
+                             "them), e.g. 0.05 0.2")
     parser.add_argument("--layers", type=int, default=None, help="random models: keep the first N layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=_positive, default=1,
                         help="calls per variant reported apart before the timed ones (default: the first)")
-    parser.add_argument("--min-sparse-len", type=int, default=2048)
+    parser.add_argument("--min-sparse-len", type=int, default=None,
+                        help="default: the model's (fp_patch.MODEL_DEFAULTS)")
     parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
                         help="also time ten prompts of ten lengths near L against ten of length L")
     parser.add_argument("--profile", action="store_true", help="split one prefill's GPU time by kernel group")
     parser.add_argument("--only", nargs="*", default=[], metavar="LABEL",
-                        help="run only these rows besides sdpa, e.g. 'flashprefill/sparse' 'flashprefill @20%% fixed'")
+                        help="run only these rows besides sdpa, e.g. 'flashprefill @20%% fixed'")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("bench_ttft.json"), help="JSON results (and .md beside it)")
 
@@ -465,8 +468,9 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = build_random(args.model, args.layers, args.device), None
         n = model.config.num_hidden_layers
         note = f"{args.model} shape, random weights, {n} layers"
-    results = {"environment": environment(), "model": args.model, "model_note": note, "repeats": args.repeats,
-               "warmup": args.warmup, "rows": []}
+    args.commit = git_commit()
+    results = {"environment": environment(), "commit": args.commit, "model": args.model, "model_note": note,
+               "repeats": args.repeats, "warmup": args.warmup, "rows": []}
 
     def save():  # after every row: a run cut short keeps what it measured
         args.out.write_text(json.dumps(results, indent=1))

@@ -82,7 +82,8 @@ def test_json_round_trip(tmp_path):
 def test_per_model_defaults_are_the_published_alphas():
     assert {k: v["alpha"] for k, v in MODEL_DEFAULTS.items()} == PUBLISHED_ALPHAS
     for model_type, alpha in PUBLISHED_ALPHAS.items():
-        assert defaults_for(model_type) == FlashPrefillConfig(alpha=alpha)
+        min_sparse_len = MODEL_DEFAULTS[model_type]["min_sparse_len"]
+        assert defaults_for(model_type) == FlashPrefillConfig(alpha=alpha, min_sparse_len=min_sparse_len)
     # the text decoder of a VL model reports "<type>_text"
     assert defaults_for("qwen2_5_vl_text").alpha == 0.10 and defaults_for("qwen3_vl_moe_text").alpha == 0.22
 
@@ -92,3 +93,28 @@ def test_unknown_model_type_logs_once(caplog):
         assert defaults_for("some_new_arch") == FlashPrefillConfig()
         assert defaults_for("some_new_arch") == FlashPrefillConfig()
     assert len([r for r in caplog.records if "some_new_arch" in r.getMessage()]) == 1
+
+
+def test_min_sparse_len_is_read_from_the_per_model_table(monkeypatch):
+    assert all(isinstance(v["min_sparse_len"], int) and v["min_sparse_len"] >= 2 for v in MODEL_DEFAULTS.values())
+    monkeypatch.setitem(MODEL_DEFAULTS, "llama", {**MODEL_DEFAULTS["llama"], "min_sparse_len": 12345})
+    assert defaults_for("llama").min_sparse_len == 12345
+
+
+def test_retired_speed_guard_key_is_ignored_with_one_warning(caplog, monkeypatch):
+    """Files written by older versions carry "speed_guard": they load (the key is ignored), with one
+    warning per process; the field itself is gone."""
+    from fp_patch import config as config_module
+
+    monkeypatch.setattr(config_module, "_retired_logged", [])
+    assert "speed_guard" not in FlashPrefillConfig().to_dict()
+    with caplog.at_level("WARNING", logger="fp_patch.config"):
+        for guard in (True, False):
+            assert FlashPrefillConfig.from_json(f'{{"alpha": 0.3, "speed_guard": {str(guard).lower()}}}') == (
+                FlashPrefillConfig(alpha=0.3))
+    warnings = [r for r in caplog.records if "speed_guard" in r.getMessage()]
+    assert len(warnings) == 1 and "ignored" in warnings[0].getMessage()
+    with pytest.raises(TypeError):
+        FlashPrefillConfig(speed_guard=True)
+    with pytest.raises(ValueError, match="speed_guard"):
+        FlashPrefillConfig().replace(speed_guard=False)

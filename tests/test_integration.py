@@ -50,9 +50,7 @@ def assert_equal_to_sdpa(got: torch.Tensor, want: torch.Tensor, family: str) -> 
     assert (got.float() - want.float()).abs().max() < 0.5
 # settings every model test uses: many blocks from a few hundred tokens; on the CPU the PyTorch operator
 # (tests/conftest.py may set TRITON_INTERPRET=1, which would route CPU calls through the slow interpreter)
-# speed_guard off: on a GPU it would route some calls dense by timing (tested in tests/test_speed.py)
-TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "triton" if DEVICE.type == "cuda" else "reference",
-                 "speed_guard": False}
+TEST_SETTINGS = {"block_size": 16, "min_sparse_len": 32, "backend": "triton" if DEVICE.type == "cuda" else "reference"}
 
 
 def tiny_config(family: str):
@@ -598,7 +596,7 @@ def test_sparse_prefill_has_no_host_sync(monkeypatch):
     """An unpadded prefill (B=1, mask None) runs the Triton pipeline on every layer with no host sync
     anywhere in the forward: under ``torch.cuda.set_sync_debug_mode("error")`` any ``.item()``,
     ``.tolist()``, ``.cpu()`` or stream synchronisation raises."""
-    fp, ref = build_pair("llama", local=LOCAL)  # TEST_SETTINGS: backend="triton", speed_guard=False
+    fp, ref = build_pair("llama", local=LOCAL)  # TEST_SETTINGS: backend="triton"
     n = 384
     assert n >= fp_patch.get_config(fp).min_sparse_len
     ids = text_ids(n).to(DEVICE)

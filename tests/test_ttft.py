@@ -1,9 +1,10 @@
 """The TTFT benchmark (fp_patch.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
 
 Timings on a CPU mean nothing; what is checked is the bookkeeping: every variant runs and is
-reported against sdpa, densities are measured (or fixed, and then really used by the sparse
-kernel), the ten-lengths run uses ten distinct lengths averaging to the one length, and the
-results render as Markdown. The real runs are on the GPU (benchmarks/README.md).
+reported against sdpa, densities and paths are measured on a recorded pass with the row's exact
+settings (fixed rows: alpha=1.0 and the solved min_budget, which the kernels honour on every call),
+the ten-lengths run uses ten distinct lengths averaging to the one length, and the results render
+as Markdown. The real runs are on the GPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
-from test_integration import DEVICE, build
+from test_integration import DEVICE, TEST_SETTINGS, build
 
-from fp_patch import ttft
+from fp_patch import MODEL_DEFAULTS, defaults_for, ttft
 
 
 def tiny_args(**over) -> argparse.Namespace:
@@ -28,22 +28,44 @@ def tiny_args(**over) -> argparse.Namespace:
 
 
 @pytest.fixture
-def tiny():
+def tiny(monkeypatch):
+    """The tiny Llama, whose per-model defaults use 16-token blocks (many blocks from a few hundred
+    tokens) and the backend the other model tests use."""
+    small = {"block_size": 16, "backend": TEST_SETTINGS["backend"]}
+    monkeypatch.setitem(MODEL_DEFAULTS, "llama", {**MODEL_DEFAULTS["llama"], **small})
     return build("llama", "sdpa")
 
 
 def test_rows_cover_every_variant(tiny):
-    args = tiny_args(densities=[0.5], model="llama8b")
+    args = tiny_args(densities=[0.5], model="llama8b", lengths=[512])
     rows = ttft.run_lengths(tiny, None, args, log=lambda _: None)
-    assert [r["impl"] for r in rows] == ["sdpa", "flashprefill", "flashprefill/sparse", "flashprefill @50% fixed"]
-    assert rows[0]["speedup_vs_sdpa"] == 1.0 and "density" not in rows[0]
+    assert [r["impl"] for r in rows] == ["sdpa", "flashprefill", "flashprefill @50% fixed"]
+    assert rows[0]["speedup_vs_sdpa"] == 1.0 and rows[0].get("density") is None and rows[0]["commit"]
     for r in rows[1:]:
         assert r["ttft_s"] > 0 and r["ttft_first_s"] > 0 and len(r["ttft_all_s"]) == 2
         assert 0.0 < r["density"] <= 1.0
-    assert rows[-1]["density"] == 0.5 and rows[-1]["fixed_density"] == 0.5
+        assert r["sparse_layers"] == r["layers"] == 2 and r["path_ok"] and r["min_sparse_len"] == 64
+    real, fixed = rows[1], rows[2]
+    assert real["alpha"] == MODEL_DEFAULTS["llama"]["alpha"] and real["min_budget"] == 0
+    # the fixed row: the public knobs, solved for the target; the recorded pass measured what it got
+    assert fixed["alpha"] == 1.0 and fixed["min_budget"] == ttft.variant_settings(
+        defaults_for("llama"), 0.18, 64, 0.5, 512).min_budget > 0
+    assert abs(fixed["density"] - 0.5) < 0.1 and fixed["fixed_density"] == 0.5
     md = ttft.markdown({"environment": {"torch": "t", "triton": "t", "date": "d"}, "model_note": "tiny",
-                        "repeats": 1, "rows": rows})
-    assert md.count("\n| 256 |") == 4 and "50.0% (fixed)" in md
+                        "repeats": 1, "rows": rows, "commit": "abc1234"})
+    assert md.count("\n| 512 |") == 3 and "(target 50%, min_budget" in md and "commit abc1234" in md
+    assert md.count("sparse 2/2 layers") == 2
+
+
+def test_rows_below_min_sparse_len_say_dense_and_those_above_check_every_layer(tiny, caplog):
+    """A prompt below min_sparse_len runs dense in every layer (the path says why); at or above it, a
+    layer that ran dense is flagged (here: a dense_layers entry that the row's settings do not expect)."""
+    rows = ttft.run_lengths(tiny, None, tiny_args(lengths=[48]), log=lambda _: None)
+    assert rows[1]["density"] is None and rows[1]["sparse_layers"] == 0 and rows[1]["path_ok"]
+    assert ttft.path_text(rows[1]) == "dense (short_query)"
+    row = {"layers": 2, "sparse_layers": 1, "dense_reasons": ["dense_layer"], "path_ok": False, "model": "m",
+           "tokens": 512, "impl": "flashprefill", "ttft_s": 1.0, "ttft_first_s": 1.0, "speedup_vs_sdpa": 1.0}
+    assert "sparse 1/2 layers (NOT ALL SPARSE)" in ttft.format_row(row)
 
 
 def test_gc_is_off_inside_timed_calls_and_rounds_are_paired(tiny, monkeypatch):
@@ -60,7 +82,7 @@ def test_gc_is_off_inside_timed_calls_and_rounds_are_paired(tiny, monkeypatch):
 
     monkeypatch.setattr(tiny, "generate", generate)
     rows = ttft.run_lengths(tiny, None, tiny_args(repeats=3), log=lambda _: None)
-    assert gc.isenabled() and gc_inside == [False] * 12
+    assert gc.isenabled() and gc_inside == [False] * 8
     sdpa, guard = rows[0], rows[1]
     assert sdpa["speedup_paired"] == (1.0, 1.0, 1.0)
     paired = sorted(b / t for b, t in zip(sdpa["ttft_all_s"][1:], guard["ttft_all_s"][1:], strict=True))
@@ -88,24 +110,6 @@ def tiny_args_parse(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     ttft.add_arguments(parser)
     return parser.parse_args(["--ttft", *extra])
-
-
-def test_fixed_density_replaces_the_selected_lists():
-    """Inside the context the sparse kernel computes about the asked share of blocks (counted from the
-    lists it receives); outside, the real selection is back."""
-    from fp_kernels import flash_prefill, pipeline
-    from fp_kernels.synthetic import structured_qkv
-
-    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16  # inputs the kernels take there
-    q, k, v = (t.to(DEVICE) for t in structured_qkv(1, 1024, 2, 1, 64, dtype=dtype, block_size=64))
-    real = pipeline.select_blocks
-    with ttft.fixed_density(0.3):
-        _, info = flash_prefill(q, k, v, alpha=0.0, block_size=64, return_info=True)
-        assert pipeline.select_blocks is not real
-    assert pipeline.select_blocks is real
-    assert 0.2 < float(info.density.mean()) < 0.45  # alpha=0 alone would keep every block
-    _, dense = flash_prefill(q, k, v, alpha=0.0, block_size=64, return_info=True)
-    assert float(dense.density.mean()) == 1.0
 
 
 def test_ten_lengths_are_distinct_and_average_to_the_one_length(tiny):
@@ -136,7 +140,7 @@ def test_every_row_is_saved_as_it_comes_and_profiles_render(tiny):
     args = tiny_args(model="llama8b")
     rows, seen = [], []
     ttft.run_lengths(tiny, None, args, log=lambda _: None, rows=rows, on_row=lambda: seen.append(len(rows)))
-    assert seen == [1, 2, 3]
+    assert seen == [1, 2]
     rows[1]["profile_ms"] = {"index: pool + select": 1.0, "sparse attention": 2.0, "total": 3.0,
                              "forward wall (unprofiled)": 4.5}
     md = ttft.markdown({"environment": {"torch": "t", "triton": "t", "date": "d"}, "model_note": "tiny",
@@ -146,55 +150,25 @@ def test_every_row_is_saved_as_it_comes_and_profiles_render(tiny):
     assert "| 256 | flashprefill | 1.0 | 2.0 | 3.0 | 4.5 |" in md
 
 
-def test_variants_take_turns_and_keep_their_own_guard_measurements(tiny, monkeypatch):
+def test_variants_take_turns(tiny, monkeypatch):
     """Calls alternate between the variants (first calls, then each round, each round starting one
     variant further on), so drift over the run touches all alike and none always follows the same
-    other; each variant sees only its own speed-guard state."""
+    other; each flashprefill variant runs with its own settings."""
     import fp_patch
-    from fp_patch import speed
 
     seen = []
 
     def fake_ttft(model, inputs, repeats):
-        cfg = fp_patch.get_config(model)
         impl = model.config._attn_implementation
-        seen.append(("sdpa" if impl == "sdpa" else f"fp guard={cfg.speed_guard}", id(speed.GUARD.dense)))
-        speed.GUARD.dense[("marker", len(seen))] = None  # a measurement this variant made
+        seen.append("sdpa" if impl == "sdpa" else f"fp alpha={fp_patch.get_config(model).alpha}")
         return 0.01, 0.01, [0.01]
 
     monkeypatch.setattr(ttft, "ttft", fake_ttft)
-    rows = ttft.run_lengths(tiny, None, tiny_args(model="llama8b", repeats=2), log=lambda _: None)
-    names = [name for name, _ in seen]
-    sdpa, guard, sparse = "sdpa", "fp guard=True", "fp guard=False"
-    assert names == [sdpa, guard, sparse, guard, sparse, sdpa, sparse, sdpa, guard]
-    states = {}
-    for name, state in seen:
-        states.setdefault(name, set()).add(state)
-    assert all(len(s) == 1 for s in states.values()) and len(set().union(*states.values())) == 3
+    rows = ttft.run_lengths(tiny, None, tiny_args(model="llama8b", repeats=2, densities=[0.5], lengths=[512]),
+                            log=lambda _: None)
+    sdpa, real, fixed = "sdpa", "fp alpha=0.18", "fp alpha=1.0"
+    assert seen == [sdpa, real, fixed, real, fixed, sdpa, fixed, sdpa, real]
     assert [len(r["ttft_all_s"]) for r in rows] == [3, 3, 3]
-
-
-def test_each_variant_keeps_its_own_settings_object_and_last_routes(tiny, monkeypatch):
-    """A layer repeats its last route only for the same settings object; taking turns call by call, the
-    variants would make every call route again unless each keeps its own (as if it ran alone)."""
-    from fp_patch import attention
-    from fp_patch.config import is_decoder_attention
-
-    routed, timing = [], [False]
-    real_route, real_ttft = attention._route, ttft.ttft
-    monkeypatch.setattr(attention, "_route", lambda *a: (routed.append(1) if timing[0] else None) or real_route(*a))
-
-    def timed(*a):
-        timing[0] = True
-        try:
-            return real_ttft(*a)
-        finally:
-            timing[0] = False
-
-    monkeypatch.setattr(ttft, "ttft", timed)
-    ttft.run_lengths(tiny, None, tiny_args(repeats=3, min_sparse_len=4096), log=lambda _: None)  # all short
-    layers = sum(is_decoder_attention(m) for m in tiny.modules())
-    assert layers == 2 and len(routed) == 2 * layers  # each flashprefill variant: each layer's first call only
 
 
 def test_only_keeps_sdpa_and_the_named_rows(tiny):

@@ -174,6 +174,60 @@ def validate_inputs(
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with {name}.to(q.device)")
 
 
+def _tensor_signature(t):
+    """What :func:`validate_inputs` reads of an optional tensor argument (its type, shape, dtype, device)."""
+    if t is None:
+        return None
+    return type(t), tuple(t.shape), t.dtype, t.device
+
+
+def _scalar_signature(x):
+    # the type too: True == 1 and 1.0 == 1 hash alike, but validation tells them apart
+    return type(x), x
+
+
+# signatures already validated (a set of hashable keys; validation reads no tensor values, so a call
+# with the same signature as a validated one is valid too). Bounded: cleared when it grows past MAX.
+_VALIDATED: set = set()
+_MAX_VALIDATED = 4096
+
+
+def validate_inputs_once(
+    q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+    kv_start, kv_end, *, for_kernel: bool,
+) -> None:
+    """:func:`validate_inputs`, run once per call signature (types, shapes, dtypes, devices and the
+    scalar settings): a model calls the operator with one signature in every layer. While
+    torch.compile traces, the check runs in full (it costs nothing at run time there)."""
+    if torch.compiler.is_compiling():
+        validate_inputs(
+            q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+            kv_start, kv_end, for_kernel=for_kernel,
+        )
+        return
+    try:
+        key = (
+            type(q), type(k), type(v), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, _scalar_signature(alpha), _scalar_signature(block_size),
+            _scalar_signature(sink_blocks), _scalar_signature(window_blocks), _scalar_signature(last_dense_blocks),
+            _scalar_signature(min_budget), _scalar_signature(scale), _tensor_signature(kv_start),
+            _tensor_signature(kv_end), for_kernel,
+        )
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable setting: the full check says what is wrong
+        key = None
+    if key is not None and key in _VALIDATED:
+        return
+    validate_inputs(
+        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
+        kv_start, kv_end, for_kernel=for_kernel,
+    )
+    if key is not None:
+        if len(_VALIDATED) >= _MAX_VALIDATED:
+            _VALIDATED.clear()
+        _VALIDATED.add(key)
+
+
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -297,7 +351,7 @@ def flash_prefill(
     ``TRITON_INTERPRET=1``. Anything else (fp32 on the GPU, CPU without the interpreter, no Triton)
     runs :func:`flash_prefill_reference`, with one logged note.
     """
-    validate_inputs(
+    validate_inputs_once(
         q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
         kv_start, kv_end, for_kernel=True,
     )

@@ -9,7 +9,6 @@ import triton
 import triton.language as tl
 
 from .geometry import num_key_blocks
-from .launch import launch
 
 # Integer kernel arguments that change with the prompt length. Triton specialises integers on
 # "== 1" and "divisible by 16" by default, so lengths coming and going would compile new variants
@@ -97,14 +96,13 @@ def pool_keys(
     has_ranges = kv_start is not None
     dummy = kbar if not has_ranges else None
     with launch_device(k):
-        launch(_pool_keys_kernel, (nkb, batch * heads), (
+        _pool_keys_kernel[(nkb, batch * heads)](
             k, kbar, kv_start if has_ranges else dummy, kv_end if has_ranges else dummy,
             k.stride(0), k.stride(1), k.stride(2),
             kbar.stride(0), kbar.stride(1), kbar.stride(2),
             k_len, heads,
-        ), dict(
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             ROWS=min(block_size, 32), HAS_RANGES=has_ranges,
             num_warps=4,
-        ))
+        )
     return kbar

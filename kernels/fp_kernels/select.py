@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from .geometry import num_key_blocks, num_query_slots
-from .launch import launch
 from .pool import LENGTH_ARGS, _valid_range, launch_device
 
 _CHUNK = 32  # key blocks scored per dot (H100 sweep: 32 beat 64 and 128, 4 warps beat 8)
@@ -217,7 +216,7 @@ def select_blocks(
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))
     rows = min(block_size, 128 if dim <= 128 else 64)
     with launch_device(q):
-        launch(_select_blocks_kernel, (n_slots, batch * hsel), (
+        _select_blocks_kernel[(n_slots, batch * hsel)](
             q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,
             q.stride(0), q.stride(1), q.stride(2),
             kbar.stride(0), kbar.stride(1), kbar.stride(2),
@@ -226,10 +225,9 @@ def select_blocks(
             q_len, k_len, hsel, n_slots,
             scale * math.log2(math.e), math.log2(alpha) if alpha > 0 else -math.inf,
             sink_blocks, window_blocks, last_dense_blocks, min_budget,
-        ), dict(
             GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
             CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,
             **cfg,
-        ))
+        )
     return index, count

@@ -9,12 +9,13 @@ last block is done once with them. K/V are indexed per kv head (GQA without repe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .geometry import normalize_ranges
-from .launch import launch
 from .pool import LENGTH_ARGS, _valid_range, launch_device
 from .select import _slot_rows
 
@@ -127,15 +128,18 @@ def _sparse_attention_kernel(
     tl.store(o_ptrs + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
-    """Tiles by shape class (head dim, block size, GPU generation), never by sequence length.
+@functools.cache
+def compute_capability_major(device_index: int) -> int:
+    """The CUDA device's major compute capability (cached: the query costs ~8 µs of host time)."""
+    return torch.cuda.get_device_capability(device_index)[0]
 
-    From the H100 sweeps in benchmarks/results/dev (sweep_tiles.py): D=128 peaks at 128x128 tiles,
-    8 warps, 3 stages (warp specialization +2-3 %, TMA loads +-0 %); D=64 at 128x64, 4 warps.
-    """
+
+@functools.cache
+def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
-        return {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+        return tuple(cfg.items())
+    hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     elif dim <= 128:
@@ -144,12 +148,25 @@ def _tile_config(block_size: int, dim: int, device: torch.device, interpret: boo
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
-    return cfg
+    return tuple(cfg.items())
+
+
+def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
+    """Tiles by shape class (head dim, block size, GPU generation), never by sequence length; a
+    fresh dict (cached per device and shape class).
+
+    From the H100 sweeps in benchmarks/results/dev (sweep_tiles.py): D=128 peaks at 128x128 tiles,
+    8 warps, 3 stages (warp specialization +2-3 %, TMA loads +-0 %); D=64 at 128x64, 4 warps.
+    """
+    index = device.index if device.type == "cuda" and not interpret else None
+    if index is None and device.type == "cuda" and not interpret:
+        index = torch.cuda.current_device()
+    return dict(_tile_config_cached(block_size, dim, index, interpret))
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """The copy engine needs sm_90+, a 16-byte aligned base and 16-byte multiple row strides."""
-    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if not tensors[0].is_cuda or compute_capability_major(tensors[0].get_device()) < 9:
         return False
     for x in tensors:
         size = x.element_size()
@@ -223,7 +240,7 @@ def sparse_attention(
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
-        launch(_sparse_attention_kernel, grid, (
+        _sparse_attention_kernel[grid](
             q, k, v, out, block_index, block_count,
             kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
             q.stride(0), q.stride(1), q.stride(2),
@@ -233,11 +250,10 @@ def sparse_attention(
             block_index.stride(0), block_index.stride(1), block_index.stride(2),
             block_count.stride(0), block_count.stride(1),
             q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
-        ), dict(
             GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
             **cfg,
-        ))
+        )
     return out

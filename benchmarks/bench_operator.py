@@ -8,7 +8,7 @@ Writes the JSON results and prints a Markdown table (copied into benchmarks/READ
 import argparse
 import sys
 
-from fp_kernels import benchmark
+from fp_tools import benchmark
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fp_kernels import flash_prefill
+from fp_kernels.geometry import num_query_slots
 
-from .api import flash_prefill
-from .geometry import num_query_slots
 from .synthetic import random_block_lists, structured_qkv
 
 KIB = 1024
@@ -104,7 +104,7 @@ def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, l
     """Fraction of block decisions on sampled (slot, head) pairs of batch row 0 that disagree with
     the fp32 scores of :func:`fp_kernels.block_scores_reference` by more than float rounding
     (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs and per-head selection."""
-    from .reference import block_scores_reference
+    from fp_kernels.reference import block_scores_reference
 
     if info.group_select:
         return 0.0
@@ -167,9 +167,9 @@ def run_benchmark(
     results = {"environment": environment(), "shape": {
         "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
         "block_size": block_size, "alpha": alpha, **rules,
-        "inputs": "fp_kernels.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
+        "inputs": "fp_tools.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
     }, "rows": []}
-    from .sparse_attention import sparse_attention
+    from fp_kernels.sparse_attention import sparse_attention
 
     for seq_len in lengths:
         q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=dtype, device="cuda",
@@ -243,8 +243,8 @@ def run_benchmark(
 
 
 def _build_index(q, k, seq_len, alpha, block_size, rules):
-    from .pool import pool_keys
-    from .select import select_blocks
+    from fp_kernels.pool import pool_keys
+    from fp_kernels.select import select_blocks
 
     return select_blocks(q, pool_keys(k, block_size), seq_len, alpha, block_size, **rules)
 

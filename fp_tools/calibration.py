@@ -218,7 +218,7 @@ def largest_alpha_within(
 
 def calibration_prompts(tokenizer, length: int, count: int, *, seed: int = 0, haystack: str = "essays"):
     """``count`` prompts of exactly ``length`` tokens of prose (different offsets of the haystack)."""
-    from fp_patch.evaluation.haystack import load_haystack
+    from fp_tools.evaluation.haystack import load_haystack
 
     hay = load_haystack(tokenizer, haystack)
     rng = random.Random(seed)
@@ -321,7 +321,7 @@ def calibrate(
 
     ``base`` (a ``FlashPrefillConfig``; default: the per-model defaults) supplies every other knob.
     With ``accuracy_tolerance`` (points), ``accuracy_suite`` (a dataset from
-    :func:`fp_patch.evaluation.build_suite`) is run dense once and then at growing alphas, at most
+    :func:`fp_tools.evaluation.build_suite`) is run dense once and then at growing alphas, at most
     ``accuracy_steps`` bisection steps between the density search's alpha and ``alpha_max``; the
     result is then one global alpha, the largest within the tolerance: per-layer alphas from
     ``per_layer`` are dropped, since one alpha for every layer is what the suite validated.
@@ -383,7 +383,7 @@ def _check_search_bounds(alpha_max: float, accuracy_steps: int) -> None:
 def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_max) -> dict:
     import tempfile
 
-    from fp_patch.evaluation.runner import Implementation, evaluate
+    from fp_tools.evaluation.runner import Implementation, evaluate
 
     def accuracy(impl: Implementation) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -408,7 +408,7 @@ def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_ma
 
 
 def add_arguments(parser) -> None:
-    from fp_patch.evaluation.cli import add_model_arguments
+    from fp_tools.evaluation.cli import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--target-density", type=float, default=0.7,
@@ -442,8 +442,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from fp_patch.config import FlashPrefillConfig, defaults_for
-    from fp_patch.evaluation.cli import load_model
-    from fp_patch.evaluation.tasks import build_suite, parse_length
+    from fp_tools.evaluation.cli import load_model
+    from fp_tools.evaluation.tasks import build_suite, parse_length
 
     _check_search_bounds(args.alpha_max, args.accuracy_steps)  # before the model loads
     model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)

@@ -13,12 +13,12 @@ import logging
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("fp_patch.demo", "answer a hidden-fact question on the embedded real model, sdpa vs flashprefill"),
-    "bench": ("fp_kernels.benchmark", "operator benchmark (dense SDPA flash/cuDNN vs FlashPrefill); "
+    "demo": ("fp_tools.demo", "answer a hidden-fact question on the embedded real model, sdpa vs flashprefill"),
+    "bench": ("fp_tools.benchmark", "operator benchmark (dense SDPA flash/cuDNN vs FlashPrefill); "
               "with --ttft: time to first token of generate(), sdpa vs flashprefill"),
-    "eval": ("fp_patch.evaluation.cli", "long-context accuracy suite, dense vs flashprefill"),
-    "calibrate": ("fp_patch.calibration", "find the alpha that gives a target density"),
-    "inspect": ("fp_patch.inspect_cli", "record and plot layer/head density for a local model and prompt"),
+    "eval": ("fp_tools.evaluation.cli", "long-context accuracy suite, dense vs flashprefill"),
+    "calibrate": ("fp_tools.calibration", "find the alpha that gives a target density"),
+    "inspect": ("fp_tools.inspect_cli", "record and plot layer/head density for a local model and prompt"),
 }
 
 
@@ -32,7 +32,7 @@ def _add_lazy_parser(sub, name: str, module: str, help_text: str, argv: list[str
 
 def _module(name: str, argv: list[str]) -> str:
     if name == "bench" and "--ttft" in argv:
-        return "fp_patch.ttft"
+        return "fp_tools.ttft"
     return SUBCOMMANDS[name][0]
 
 

@@ -98,7 +98,7 @@ class Answer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fp_patch.cli_utils import HelpFormatter, add_device_arguments
+    from fp_tools.cli_utils import HelpFormatter, add_device_arguments
 
     parser.formatter_class = HelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0].split("``: ", 1)[-1]
@@ -140,7 +140,8 @@ def run(args) -> int:
 
     import fp_patch
     import fp_patch.speed
-    from fp_patch.cli_utils import (
+    from fp_patch.models import load_smollm2, smollm2_path
+    from fp_tools.cli_utils import (
         backend_for,
         prefill_progress,
         resolve_device,
@@ -148,7 +149,6 @@ def run(args) -> int:
         save_recording,
         timed_generate,
     )
-    from fp_patch.models import load_smollm2, smollm2_path
 
     if args.length < 256:
         print(f"error: --length must be >= 256, got {args.length}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fp_patch.cli_utils import HelpFormatter, add_device_arguments
+    from fp_tools.cli_utils import HelpFormatter, add_device_arguments
 
     parser.formatter_class = HelpFormatter
     parser.add_argument("model", type=Path, help="local Hugging Face model folder (config.json + weights)")
@@ -105,7 +105,7 @@ def run(args) -> int:
     import torch
 
     import fp_patch
-    from fp_patch.cli_utils import backend_for, prefill_progress, resolve_device, resolve_dtype, save_recording
+    from fp_tools.cli_utils import backend_for, prefill_progress, resolve_device, resolve_dtype, save_recording
 
     try:
         lengths = _int_list(args.lengths, "--lengths")

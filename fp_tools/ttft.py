@@ -107,7 +107,8 @@ def fixed_density(density: float | None):
         yield
         return
     from fp_kernels import pipeline
-    from fp_kernels.synthetic import random_block_lists
+
+    from fp_tools.synthetic import random_block_lists
 
     real = pipeline.select_blocks
     cache: dict = {}
@@ -192,7 +193,7 @@ def group_kernel_times(times: list[tuple[str, float]]) -> dict:
 def _inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     """``(inputs, needle number)``: a needle prompt with a tokenizer, else random ids (seeded by length)."""
     if tokenizer is not None:
-        from fp_patch.demo import needle_prompt
+        from fp_tools.demo import needle_prompt
 
         prompt = needle_prompt(tokenizer, length)
         return {k: v.to(device) for k, v in prompt["inputs"].items()}, prompt["number"]
@@ -449,9 +450,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fp_kernels.benchmark import environment
-
     import fp_patch  # noqa: F401  (registers "flashprefill")
+    from fp_tools.benchmark import environment
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("flashprefill bench --ttft needs a CUDA GPU (or --device cpu for a dry run)")

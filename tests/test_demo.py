@@ -17,7 +17,7 @@ import torch
 import transformers
 from test_integration_real import unavailable
 
-from fp_patch import cli
+from fp_tools import cli
 
 DEMO_LENGTH = 1024
 
@@ -76,7 +76,7 @@ def test_demo_rejects_map_layer_out_of_range(smollm2_tokenizer, layer, capsys, m
 def test_help_states_each_default_once(command):
     import argparse
 
-    from fp_patch import demo, inspect_cli
+    from fp_tools import demo, inspect_cli
 
     parser = argparse.ArgumentParser()
     {"demo": demo, "inspect": inspect_cli}[command].add_arguments(parser)
@@ -103,7 +103,7 @@ def smollm2_tokenizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_needle_prompt(smollm2_tokenizer, depth):
-    from fp_patch.demo import needle_prompt
+    from fp_tools.demo import needle_prompt
 
     prompt = needle_prompt(smollm2_tokenizer, 1000, depth=depth, number=4321)
     ids = prompt["inputs"]["input_ids"]

@@ -10,10 +10,10 @@ import torch
 import transformers
 
 import fp_patch
-from fp_patch.cli import main
-from fp_patch.evaluation import build_suite, evaluate, read_results, summarize, write_report
-from fp_patch.evaluation import runner as runner_mod
-from fp_patch.evaluation.runner import Implementation
+from fp_tools.cli import main
+from fp_tools.evaluation import build_suite, evaluate, read_results, summarize, write_report
+from fp_tools.evaluation import runner as runner_mod
+from fp_tools.evaluation.runner import Implementation
 
 # many blocks from a few hundred tokens, and the PyTorch operator (conftest may set TRITON_INTERPRET=1)
 FP = "flashprefill:block_size=16,min_sparse_len=32,alpha=0.5,backend=reference,label=fp"

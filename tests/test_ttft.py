@@ -1,4 +1,4 @@
-"""The TTFT benchmark (fp_patch.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
+"""The TTFT benchmark (fp_tools.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
 
 Timings on a CPU mean nothing; what is checked is the bookkeeping: every variant runs and is
 reported against sdpa, densities are measured (or fixed, and then really used by the sparse
@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_integration import DEVICE, build
 
-from fp_patch import ttft
+from fp_tools import ttft
 
 
 def tiny_args(**over) -> argparse.Namespace:
@@ -94,7 +94,8 @@ def test_fixed_density_replaces_the_selected_lists():
     """Inside the context the sparse kernel computes about the asked share of blocks (counted from the
     lists it receives); outside, the real selection is back."""
     from fp_kernels import flash_prefill, pipeline
-    from fp_kernels.synthetic import structured_qkv
+
+    from fp_tools.synthetic import structured_qkv
 
     dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16  # inputs the kernels take there
     q, k, v = (t.to(DEVICE) for t in structured_qkv(1, 1024, 2, 1, 64, dtype=dtype, block_size=64))

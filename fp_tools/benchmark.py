@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import math
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -293,17 +292,6 @@ def markdown_table(results: dict) -> str:
             f"{g('sparse_60pct_tflops_computed', '{:.0f}')} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ttft", action="store_true",
-                        help="time generate() end to end instead: see flashprefill bench --ttft --help")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--alpha", type=float, default=0.18)
-    parser.add_argument("--out", type=Path, default=Path("bench_operator.json"), help="JSON results file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,7 +35,6 @@ import gc
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -419,34 +418,6 @@ def markdown(results: dict) -> str:
             cells = " | ".join(f"{r['profile_ms'].get(c, 0.0):.1f}" for c in columns)
             lines.append(f"| {r['tokens']} | {r['impl']} | {cells} |")
     return "\n".join(lines)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ttft", action="store_true", help="time generate() end to end (this benchmark)")
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--alpha", type=float, default=None, help="default: the model's published alpha")
-    parser.add_argument("--densities", type=float, nargs="*", default=[],
-                        help="extra runs at these fixed densities (random block lists), e.g. 0.05 0.2")
-    parser.add_argument("--layers", type=int, default=None, help="random models: keep the first N layers")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=_positive, default=1,
-                        help="calls per variant reported apart before the timed ones (default: the first)")
-    parser.add_argument("--min-sparse-len", type=int, default=2048)
-    parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
-                        help="also time ten prompts of ten lengths near L against ten of length L")
-    parser.add_argument("--profile", action="store_true", help="split one prefill's GPU time by kernel group")
-    parser.add_argument("--only", nargs="*", default=[], metavar="LABEL",
-                        help="run only these rows besides sdpa, e.g. 'flashprefill/sparse' 'flashprefill @20%% fixed'")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=Path("bench_ttft.json"), help="JSON results (and .md beside it)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,14 +14,15 @@ import pytest
 import torch
 from test_integration import DEVICE, build
 
-from fp_tools import ttft
+from fp_tools import bench, ttft
 
 
 def tiny_args(**over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ttft.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(["--ttft", "--device", DEVICE.type, "--lengths", "256", "--repeats", "1",
                               "--min-sparse-len", "64"])  # the tiny model's device (CPU in CI, a GPU there)
+    bench.check(args)
     for key, value in over.items():
         setattr(args, key, value)
     return args
@@ -86,7 +87,7 @@ def test_warmup_calls_are_reported_apart(tiny):
 
 def tiny_args_parse(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ttft.add_arguments(parser)
+    bench.add_arguments(parser)
     return parser.parse_args(["--ttft", *extra])
 
 

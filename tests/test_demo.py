@@ -215,4 +215,4 @@ def test_inspect_reports_bad_inputs(tiny_model_dir, tmp_path, capsys):
     assert "--lengths 5000: longer than the model's context" in capsys.readouterr().err  # 1024 tokens
     code = cli.main(["inspect", str(tiny_model_dir), str(tiny_model_dir / "prompt.txt"), "--lengths", "1K"])
     assert code == 2
-    assert "the prompt has only 401 tokens" in capsys.readouterr().err
+    assert "--lengths 1024: the prompt has only 400 tokens" in capsys.readouterr().err

@@ -92,3 +92,20 @@ def test_unknown_model_type_logs_once(caplog):
         assert defaults_for("some_new_arch") == FlashPrefillConfig()
         assert defaults_for("some_new_arch") == FlashPrefillConfig()
     assert len([r for r in caplog.records if "some_new_arch" in r.getMessage()]) == 1
+
+
+def test_untested_model_type_warns_once_with_the_generic_defaults(caplog, monkeypatch):
+    import logging
+
+    from fp_patch import config
+
+    monkeypatch.setattr(config, "_unknown_logged", set())
+    with caplog.at_level(logging.WARNING, logger="fp_patch.config"):
+        assert defaults_for("gpt2") == FlashPrefillConfig()
+        defaults_for("gpt2")
+        defaults_for("llama")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    generic = FlashPrefillConfig()
+    assert "'gpt2' is untested" in record.getMessage()
+    assert f"alpha={generic.alpha}, block_size={generic.block_size}" in record.getMessage()

@@ -79,7 +79,7 @@ def test_heatmap_marks_the_always_computed_floor(rec):
     colorbar = fig.axes[1]
     floor = always_computed_fraction(512, 512, 32, (2, 4, 2))
     assert [t.get_text() for t in colorbar.texts] == [f"floor {floor:.0%}"]
-    assert f"floor {floor:.1%}: always computed" in fig.axes[0].get_title()
+    assert f"floor {floor:.1%} (red): always computed, by rule" in fig.axes[0].get_title()
 
 
 def test_density_vs_length(rec, tmp_path):

@@ -2,15 +2,13 @@
 
     python benchmarks/bench_operator.py --out benchmarks/results/operator_h100.json
 
-Writes the JSON results and prints a Markdown table (copied into benchmarks/README.md).
+Writes the JSON results and prints a Markdown table (copied into benchmarks/README.md). The flags
+are those of ``flashprefill bench --help`` (fp_tools.bench).
 """
 
-import argparse
 import sys
 
-from fp_kernels import benchmark
+from fp_tools import cli
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    benchmark.add_arguments(parser)
-    sys.exit(benchmark.run(parser.parse_args()))
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))

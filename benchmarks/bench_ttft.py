@@ -1,15 +1,13 @@
 """Time to first token, sdpa vs flashprefill: the same as ``flashprefill bench --ttft`` (see
-:mod:`fp_patch.ttft` for the models, the rows and the options)::
+:mod:`fp_tools.ttft` for the models and the rows, ``flashprefill bench --help`` for the flags)::
 
     python benchmarks/bench_ttft.py --model smollm2 --lengths 4096 8192 16384 32768
     python benchmarks/bench_ttft.py --model llama8b --lengths 8192 32768 131072 --densities 0.05 0.2
 """
 
-import argparse
+import sys
 
-from fp_patch import ttft
+from fp_tools import cli
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ttft.add_arguments(parser)
-    raise SystemExit(ttft.run(parser.parse_args()))
+    sys.exit(cli.main(["bench", "--ttft", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ For each model and length: the whole prefill (``model(input_ids, logits_to_keep=
 ``attn_implementation="sdpa"`` and with ``"flashprefill"`` sparse in every layer (``min_sparse_len=2``),
 taking turns call by call, medians of ``--repeats`` after one warm-up call each. Random-weight
 shapes (``llama8b``, ``qwen2.5-7b``, ``qwen3moe`` with ``--layers``; built by
-:func:`fp_patch.ttft.build_random`) run at a FIXED density that follows the paper's curve (about
+:func:`fp_tools.ttft.build_random`) run at a FIXED density that follows the paper's curve (about
 70 % at 4K falling log-linearly to 3.5 % at 256K, capped at 100 %), through the public knobs:
 ``alpha=1.0`` and the ``min_budget`` that gives it (:func:`fp_patch.budget.budget_for_density`), so
 the real selection runs with its real cost. ``smollm2`` runs on its real weights (needle prompts
@@ -62,8 +62,9 @@ def sync_ms(fn) -> float:
 
 def measure(model, name: str, inputs: dict, settings, repeats: int) -> dict:
     """Dense vs sparse prefill of ``inputs`` (taking turns), then one recorded pass of the sparse one."""
+    from fp_tools.ttft import checked_pass
+
     import fp_patch
-    from fp_patch.ttft import checked_pass
 
     def forward():
         with torch.no_grad():
@@ -120,11 +121,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("crossover.py needs a CUDA GPU")
-    from fp_kernels.benchmark import environment
+    from fp_tools.benchmark import environment
+    from fp_tools.ttft import build_random, git_commit, prompt_inputs
 
     import fp_patch
     from fp_patch.budget import budget_for_density
-    from fp_patch.ttft import build_random, git_commit, prompt_inputs
     from fp_tools.speed_calibration import crossover
 
     started = time.perf_counter()

@@ -132,9 +132,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("host_overhead.py needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a dry run)")
-    from fp_kernels.benchmark import environment
-
     import fp_patch  # noqa: F401  (registers "flashprefill")
+    from fp_tools.benchmark import environment
 
     rows = [
         r for name in args.shapes for length in args.lengths for r in measure(name, length, args.calls, args.device)

@@ -614,7 +614,7 @@ def driver(args) -> int:
     log_path = args.out.with_suffix(".log")
     result: dict = {"errors": [], "stages": {}}
     try:
-        from fp_kernels.benchmark import environment
+        from fp_tools.benchmark import environment
 
         result["environment"] = environment()
     except Exception as err:  # noqa: BLE001

@@ -10,9 +10,10 @@ import argparse
 import itertools
 
 import torch
-from fp_kernels.benchmark import _bench, causal_flops, spot_check
 from fp_kernels.sparse_attention import sparse_attention
-from fp_kernels.synthetic import random_block_lists, structured_qkv
+
+from fp_tools.benchmark import _bench, causal_flops, spot_check
+from fp_tools.synthetic import random_block_lists, structured_qkv
 
 
 def sweep_index(seq_len: int, dim: int, alpha: float = 0.18):

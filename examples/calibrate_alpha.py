@@ -1,6 +1,6 @@
 """Calibrate alpha to a target block density, save the config, reload it and apply it.
 
-Shows ``fp_patch.calibration.calibrate``: a bracketed search over alpha on the model's own forward
+Shows ``fp_tools.calibration.calibrate``: a bracketed search over alpha on the model's own forward
 passes over prose prompts until the fraction of causal blocks computed is near ``--target``
 (the paper's recipe: ~70 % at 4K tokens; at the CPU default of 512 tokens the always-computed
 sink, window and last blocks alone are ~74 %, hence a target of 80 % there). The result is a
@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fp_patch
 from fp_patch import FlashPrefillConfig
-from fp_patch.calibration import calibrate, calibration_prompts
 from fp_patch.models import smollm2_path
+from fp_tools.calibration import calibrate, calibration_prompts
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=None, help="local model folder (default: the embedded SmolLM2)")

@@ -48,7 +48,7 @@ out.mkdir(parents=True, exist_ok=True)
 frame.to_csv(out / "density.csv", index=False)
 rec.plot("heatmap", path=out / "density_heatmap.png")
 sparsest = int(frame[frame.layer == middle].sort_values("density").iloc[0]["head"])
-rec.plot("block_map", layer=middle, head=sparsest, path=out / f"block_map_L{middle}_H{sparsest}.png")
+rec.plot("block_map", layer=middle, head=sparsest, path=out / f"block_map_L{middle}_H{sparsest}_sparsest.png")
 print(f"saved {sorted(p.name for p in out.iterdir())} in {out}/")
 
 assert len(frame) == model.config.num_hidden_layers * model.config.num_attention_heads

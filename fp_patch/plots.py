@@ -85,6 +85,12 @@ def plot_density_heatmap(data, *, run: int | None = None, path=None, title: str 
     cbar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
     cbar.set_label("density: fraction of causal blocks computed")
     _percent_axis(cbar.ax.yaxis)
+    floor = _floor(frame)
+    if floor is not None:  # the density no selection can go below: the always-keep rules alone
+        cbar.ax.axhspan(0.0, floor, facecolor="none", edgecolor="#d62728", hatch="///", linewidth=0.0)
+        cbar.ax.axhline(floor, color="#d62728", linewidth=2.0)
+        cbar.ax.text(-0.15, floor, f"floor {floor:.0%}", transform=cbar.ax.get_yaxis_transform(), ha="right",
+                     va="center", fontsize=8, color="#d62728", fontweight="bold")
     ax.set_xticks(range(heads))
     ax.set_xticks(np.arange(-0.5, heads, 1), minor=True)
     ax.set_yticks(range(len(layer_ids)), [str(i) for i in layer_ids])
@@ -113,9 +119,19 @@ def plot_density_heatmap(data, *, run: int | None = None, path=None, title: str 
         runs = frame["run"].nunique()
         tok = f"{tokens[0]} tokens" if len(tokens) == 1 else f"{runs} runs, {tokens[0]}-{tokens[-1]} tokens"
         title = f"FlashPrefill block density per layer and head\n{tok}, overall {overall:.1%} (cells in %)"
+        if floor is not None:
+            title += f"\nfloor {floor:.1%} (red): always computed, by rule"
     ax.set_title(title, fontsize=10)
     _save(fig, path)
     return fig
+
+
+def _floor(frame) -> float | None:
+    """The always-computed share of the frame's causal blocks (pooled like the density), if recorded."""
+    if "floor" not in frame or frame["floor"].isna().all():
+        return None
+    causal = frame["causal_blocks"].clip(lower=0)
+    return float((frame["floor"].fillna(1.0) * causal).sum() / max(1, causal.sum()))
 
 
 def _cmap(name: str, bad: str):
@@ -166,6 +182,11 @@ def plot_density_vs_length(data, *, path=None, title: str | None = None, band: b
         if band:
             band_label = "sparsest .. densest layer" if len(series) == 1 else None
             ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.15, linewidth=0, label=band_label)
+    _, first = _frames(series[0][1])
+    if "floor" in first and first["floor"].notna().any():  # the same rules for every series: draw it once
+        floors = first.groupby("tokens").apply(_floor, include_groups=False).dropna()
+        ax.plot(floors.index, floors.values, color="#d62728", linestyle="--", marker=".",
+                label="floor: always computed (sinks, window, last blocks)")
     ax.set_xscale("log", base=2)
     ticks = sorted(all_tokens)
     ax.set_xticks(ticks, [f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])

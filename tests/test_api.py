@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import ON_GPU, kernel_dtypes
 from fp_kernels import flash_prefill, flash_prefill_reference, sparse_attention_reference
-from fp_kernels.synthetic import structured_qkv
 from helpers import assert_close_to_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_kernels import assert_selection_matches
+
+from fp_tools.synthetic import structured_qkv
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 

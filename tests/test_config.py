@@ -118,3 +118,18 @@ def test_retired_speed_guard_key_is_ignored_with_one_warning(caplog, monkeypatch
         FlashPrefillConfig(speed_guard=True)
     with pytest.raises(ValueError, match="speed_guard"):
         FlashPrefillConfig().replace(speed_guard=False)
+def test_untested_model_type_warns_once_with_the_generic_defaults(caplog, monkeypatch):
+    import logging
+
+    from fp_patch import config
+
+    monkeypatch.setattr(config, "_unknown_logged", set())
+    with caplog.at_level(logging.WARNING, logger="fp_patch.config"):
+        assert defaults_for("gpt2") == FlashPrefillConfig()
+        defaults_for("gpt2")
+        defaults_for("llama")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    generic = FlashPrefillConfig()
+    assert "'gpt2' is untested" in record.getMessage()
+    assert f"alpha={generic.alpha}, block_size={generic.block_size}" in record.getMessage()

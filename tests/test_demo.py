@@ -17,7 +17,7 @@ import torch
 import transformers
 from test_integration_real import unavailable
 
-from fp_patch import cli
+from fp_tools import cli
 
 DEMO_LENGTH = 1024
 
@@ -69,14 +69,14 @@ def test_demo_rejects_map_layer_out_of_range(smollm2_tokenizer, layer, capsys, m
 
     monkeypatch.setattr(fp_patch.models, "load_smollm2", no_loading)
     assert cli.main(["demo", "--map-layer", layer, "--device", "cpu"]) == 2
-    assert "--map-layer must be a layer of the model, 0 .. 29" in capsys.readouterr().err
+    assert f"--map-layer: the model has layers 0 .. 29, got [{layer}]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["demo", "inspect"])
 def test_help_states_each_default_once(command):
     import argparse
 
-    from fp_patch import demo, inspect_cli
+    from fp_tools import demo, inspect_cli
 
     parser = argparse.ArgumentParser()
     {"demo": demo, "inspect": inspect_cli}[command].add_arguments(parser)
@@ -103,7 +103,7 @@ def smollm2_tokenizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_needle_prompt(smollm2_tokenizer, depth):
-    from fp_patch.demo import needle_prompt
+    from fp_tools.demo import needle_prompt
 
     prompt = needle_prompt(smollm2_tokenizer, 1000, depth=depth, number=4321)
     ids = prompt["inputs"]["input_ids"]
@@ -192,7 +192,8 @@ def test_inspect_writes_csv_and_pngs(tiny_model_dir, tmp_path, capsys):
     assert len(layers) == 4
     for name in ("density_heatmap.png", "density_vs_length.png", "layer_error.png"):
         assert (out / name).stat().st_size > 5_000, name
-    assert list(out.glob("block_map_L1_H*.png"))
+    assert [p.name.split("_")[-1] for p in sorted(out.glob("block_map_L1_H*.png"))] in (
+        ["densest.png", "sparsest.png"], ["sparsest.png"])
     assert "overall" in capsys.readouterr().out
 
 
@@ -211,4 +212,7 @@ def test_inspect_reports_bad_inputs(tiny_model_dir, tmp_path, capsys):
     assert "prompt file" in capsys.readouterr().err
     code = cli.main(["inspect", str(tiny_model_dir), str(tiny_model_dir / "prompt.txt"), "--lengths", "5000"])
     assert code == 2
-    assert "fewer than --lengths" in capsys.readouterr().err
+    assert "--lengths 5000: longer than the model's context" in capsys.readouterr().err  # 1024 tokens
+    code = cli.main(["inspect", str(tiny_model_dir), str(tiny_model_dir / "prompt.txt"), "--lengths", "1K"])
+    assert code == 2
+    assert "--lengths 1024: the prompt has only 400 tokens" in capsys.readouterr().err

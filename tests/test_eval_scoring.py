@@ -2,7 +2,7 @@
 
 import pytest
 
-from fp_patch.evaluation.scoring import found, score
+from fp_tools.evaluation.scoring import found, score
 
 
 @pytest.mark.parametrize(

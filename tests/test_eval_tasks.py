@@ -11,8 +11,8 @@ import re
 import datasets
 import pytest
 
-from fp_patch.evaluation import TASKS, build_case, build_suite, parse_length
-from fp_patch.evaluation.tasks import suite_cases
+from fp_tools.evaluation import TASKS, build_case, build_suite, parse_length
+from fp_tools.evaluation.tasks import suite_cases
 
 DEPTH_TASKS = [t for t, spec in TASKS.items() if spec.uses_depth]
 

@@ -27,8 +27,9 @@ from fp_kernels.geometry import normalize_ranges, num_query_slots, slot_geometry
 from fp_kernels.pool import pool_keys
 from fp_kernels.select import select_blocks
 from fp_kernels.sparse_attention import sparse_attention
-from fp_kernels.synthetic import random_block_lists, structured_qkv
 from helpers import assert_close_to_reference, case_id, poison_allocator, short_failure
+
+from fp_tools.synthetic import random_block_lists, structured_qkv
 
 DTYPES = kernel_dtypes()
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
@@ -308,7 +309,7 @@ def test_custom_op_fake_matches_real():
 def test_long_spot_checks_against_dense(seq_len):
     """64K/128K: alpha=0 equals cuDNN/flash dense SDPA; at alpha=0.18, sampled rows equal an fp32
     recomputation from the kernel's own lists."""
-    from fp_kernels.benchmark import dense_attention, spot_check
+    from fp_tools.benchmark import dense_attention, spot_check
 
     q, k, v = structured_qkv(1, seq_len, 32, 8, 128, dtype=torch.bfloat16, device="cuda", topics=16)
     out = flash_prefill(q, k, v, alpha=0.0)
@@ -347,7 +348,7 @@ def test_selection_check_agrees_with_the_reference_and_catches_a_wrong_selection
     """The benchmark's sampled check of block decisions (run before anything is timed on the GPU):
     zero disagreement on the reference's own selection, a clear one on a selection made with
     another alpha."""
-    from fp_kernels.benchmark import selection_check
+    from fp_tools.benchmark import selection_check
 
     q, k, v = structured_qkv(1, 2048, 4, 2, 64, block_size=64)
     rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1}

@@ -64,6 +64,24 @@ def test_heatmap(rec, tmp_path):
     assert "512 tokens" in one_run.axes[0].get_title()
 
 
+def test_heatmap_marks_the_always_computed_floor(rec):
+    """The colorbar carries the floor: the share of causal blocks the sink/window/last-block rules compute
+    whatever the scores (at 2K tokens with the default rules, 100 of 136 blocks: 73.5 %)."""
+    from fp_patch.recording import always_computed_fraction
+
+    assert always_computed_fraction(2048, 2048, 128, (2, 4, 2)) == pytest.approx(100 / 136)
+    assert always_computed_fraction(4096, 4096, 128, (2, 4, 2)) == pytest.approx(0.4318, abs=1e-4)
+    frame = rec.to_frame()
+    run1 = frame[frame["run"] == 1]
+    assert (run1["floor"] == always_computed_fraction(512, 512, 32, (2, 4, 2))).all()
+    assert (frame["density"] >= frame["floor"] - 1e-6).all(), "no head computes less than the rules force"
+    fig = plots.plot_density_heatmap(frame, run=1)
+    colorbar = fig.axes[1]
+    floor = always_computed_fraction(512, 512, 32, (2, 4, 2))
+    assert [t.get_text() for t in colorbar.texts] == [f"floor {floor:.0%}"]
+    assert f"floor {floor:.1%} (red): always computed, by rule" in fig.axes[0].get_title()
+
+
 def test_density_vs_length(rec, tmp_path):
     fig = rec.plot("length", path=tmp_path / "length.png")
     assert_png(tmp_path / "length.png")
@@ -73,7 +91,10 @@ def test_density_vs_length(rec, tmp_path):
     for length in (256, 512):
         record(other, length, alpha=0.6, scores=False)
     fig = plots.plot_density_vs_length({"alpha 0.3": rec, "alpha 0.6": other.to_frame()}, path=tmp_path / "two.png")
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["alpha 0.3", "alpha 0.6"]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["alpha 0.3", "alpha 0.6", "floor: always computed (sinks, window, last blocks)"]
+    floor = fig.axes[0].lines[-1]
+    assert list(floor.get_xdata()) == [256, 512] and all(0 < y <= 1 for y in floor.get_ydata())
 
 
 def test_block_map_with_scores(rec, tmp_path):

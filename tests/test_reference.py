@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fp_kernels import block_scores_reference, flash_prefill_reference
-from fp_kernels.synthetic import structured_qkv
 from helpers import case_id
+
+from fp_tools.synthetic import structured_qkv
 
 
 def oracle(q, k, v, alpha, block_size, sink, window, last_dense, budget, group_select):

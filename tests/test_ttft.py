@@ -1,4 +1,4 @@
-"""The TTFT benchmark (fp_patch.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
+"""The TTFT benchmark (fp_tools.ttft, ``flashprefill bench --ttft``) runs end to end on a tiny model.
 
 Timings on a CPU mean nothing; what is checked is the bookkeeping: every variant runs and is
 reported against sdpa, densities and paths are measured on a recorded pass with the row's exact
@@ -14,14 +14,16 @@ import argparse
 import pytest
 from test_integration import DEVICE, TEST_SETTINGS, build
 
-from fp_patch import MODEL_DEFAULTS, defaults_for, ttft
+from fp_patch import MODEL_DEFAULTS, defaults_for
+from fp_tools import bench, ttft
 
 
 def tiny_args(**over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ttft.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(["--ttft", "--device", DEVICE.type, "--lengths", "256", "--repeats", "1",
                               "--min-sparse-len", "64"])  # the tiny model's device (CPU in CI, a GPU there)
+    bench.check(args)
     for key, value in over.items():
         setattr(args, key, value)
     return args
@@ -108,7 +110,7 @@ def test_warmup_calls_are_reported_apart(tiny):
 
 def tiny_args_parse(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ttft.add_arguments(parser)
+    bench.add_arguments(parser)
     return parser.parse_args(["--ttft", *extra])
 
 

@@ -218,7 +218,7 @@ def largest_alpha_within(
 
 def calibration_prompts(tokenizer, length: int, count: int, *, seed: int = 0, haystack: str = "essays"):
     """``count`` prompts of exactly ``length`` tokens of prose (different offsets of the haystack)."""
-    from fp_patch.evaluation.haystack import load_haystack
+    from fp_tools.evaluation.haystack import load_haystack
 
     hay = load_haystack(tokenizer, haystack)
     rng = random.Random(seed)
@@ -232,9 +232,10 @@ class DensityMeter:
     every sparse layer, head and prompt; per layer the same within the layer.
     """
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]]):
+    def __init__(self, model, prompts: Sequence[Sequence[int]], progress: bool = False):
         self.model = model
         self.prompts = [list(p) for p in prompts]
+        self.progress = progress  # a bar over the layers of each forward pass (after 2 s)
         self.passes = 0
         self.seconds = 0.0
         self._measured: dict = {}  # config -> result: a config the search already measured is not run again
@@ -249,14 +250,17 @@ class DensityMeter:
         import torch
 
         import fp_patch
+        from fp_tools.cli_utils import prefill_progress
 
         fp_patch.configure(self.model, config)
         self.model.set_attn_implementation("flashprefill")
         device = next(self.model.parameters()).device
         start = time.perf_counter()
         with torch.inference_mode(), fp_patch.record_density(self.model) as rec:
-            for prompt in self.prompts:
-                self.model(input_ids=torch.tensor([prompt], device=device), use_cache=False, logits_to_keep=1)
+            for i, prompt in enumerate(self.prompts):
+                desc = f"calibrate pass {self.passes + i + 1}: alpha={config.alpha:.3g}"
+                with prefill_progress(self.model, desc, progress=self.progress):
+                    self.model(input_ids=torch.tensor([prompt], device=device), use_cache=False, logits_to_keep=1)
         self.passes += len(self.prompts)
         self.seconds += time.perf_counter() - start
         frame = rec.to_frame()
@@ -316,16 +320,18 @@ def calibrate(
     accuracy_suite=None,
     accuracy_steps: int = 4,
     alpha_max: float = 1.0,
+    progress: bool = True,
 ) -> CalibrationResult:
     """Calibrate FlashPrefill's alpha on ``model`` (see the module docstring for the searches).
 
     ``base`` (a ``FlashPrefillConfig``; default: the per-model defaults) supplies every other knob.
     With ``accuracy_tolerance`` (points), ``accuracy_suite`` (a dataset from
-    :func:`fp_patch.evaluation.build_suite`) is run dense once and then at growing alphas, at most
+    :func:`fp_tools.evaluation.build_suite`) is run dense once and then at growing alphas, at most
     ``accuracy_steps`` bisection steps between the density search's alpha and ``alpha_max``; the
     result is then one global alpha, the largest within the tolerance: per-layer alphas from
     ``per_layer`` are dropped, since one alpha for every layer is what the suite validated.
-    ``alpha_max`` (in (0, 1]) bounds every search.
+    ``alpha_max`` (in (0, 1]) bounds every search. ``progress``: a bar (stderr) over the layers of
+    every forward pass that takes more than 2 s; each step is also logged at INFO.
     """
     import fp_patch
 
@@ -336,7 +342,8 @@ def calibrate(
         base = fp_patch.defaults_for(getattr(model.config, "model_type", None))
     original = getattr(model.config, "_attn_implementation", None)
     started = time.perf_counter()
-    meter = DensityMeter(model, calibration_prompts(tokenizer, length, prompts, seed=seed, haystack=haystack))
+    meter = DensityMeter(model, calibration_prompts(tokenizer, length, prompts, seed=seed, haystack=haystack),
+                         progress=progress)
     history: dict = {}
     try:
         alpha, density, history["density"] = bisect_alpha(
@@ -383,7 +390,7 @@ def _check_search_bounds(alpha_max: float, accuracy_steps: int) -> None:
 def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_max) -> dict:
     import tempfile
 
-    from fp_patch.evaluation.runner import Implementation, evaluate
+    from fp_tools.evaluation.runner import Implementation, evaluate
 
     def accuracy(impl: Implementation) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -408,7 +415,7 @@ def _accuracy_search(model, tokenizer, suite, config, tolerance, steps, alpha_ma
 
 
 def add_arguments(parser) -> None:
-    from fp_patch.evaluation.cli import add_model_arguments
+    from fp_tools.evaluation.cli import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--target-density", type=float, default=0.7,
@@ -436,33 +443,117 @@ def add_arguments(parser) -> None:
                         help="eval tasks for --accuracy-tolerance (comma separated)")
     parser.add_argument("--accuracy-depths", default="0.1,0.5,0.9", help="needle depths for --accuracy-tolerance")
     parser.add_argument("--accuracy-samples", type=int, default=1, help="samples per cell for --accuracy-tolerance")
+    speed = parser.add_argument_group("speed calibration (--speed, on a CUDA GPU)")
+    speed.add_argument("--speed", action="store_true",
+                       help="instead of the density search: time the model on prose prompts of --lengths and save "
+                            "the settings measured fastest (which lengths and layers run sparse)")
+    speed.add_argument("--lengths", default=None,
+                       help="--speed: prompt lengths, e.g. 2K,4K,8K (default: 1K, 2K, 4K, 8K, ... up to the "
+                            "model's context)")
+    speed.add_argument("--repeats", type=int, default=5, help="--speed: timed calls per setting and length")
     parser.add_argument("--out", default="flashprefill-calibrated.json", help="where to write the config JSON")
-    parser.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
+    parser.add_argument("--report", default=None,
+                        help="report JSON (default: <out>.report.json; with --speed the measurement table, "
+                             "<out>.speed.json)")
+
+
+SPEED_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def check(args):
+    """Every flag, before the model loads (:class:`fp_tools.args.UsageError`); returns the model's facts."""
+    from fp_tools.args import (
+        UsageError,
+        check_device,
+        check_file,
+        check_lengths,
+        check_range,
+        model_facts,
+        parse_floats,
+        parse_length,
+        parse_lengths,
+    )
+    from fp_tools.evaluation.cli import parse_tasks
+
+    facts = model_facts(args.model)
+    check_device(args.device)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"--out: expected a JSON file path in an existing folder, got {args.out}")
+    if args.base_config is not None:
+        check_file(args.base_config, "--base-config", "config file")
+        from fp_patch.config import FlashPrefillConfig
+
+        try:
+            FlashPrefillConfig.from_json(args.base_config)
+        except (OSError, ValueError, TypeError) as err:
+            raise UsageError(f"--base-config {args.base_config}: {err}") from None
+    if args.speed:
+        import torch
+
+        given = [flag for flag, on in (("--per-layer", args.per_layer),
+                                       ("--accuracy-tolerance", args.accuracy_tolerance is not None)) if on]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not with --speed (it measures speed, not density or accuracy)")
+        if args.lengths is None:
+            args.lengths = [n for n in SPEED_LENGTHS if facts.context is None or n < facts.context]
+        else:
+            args.lengths = parse_lengths(args.lengths)
+        check_lengths(args.lengths, facts, "--lengths", extra=1, extra_what="generated token")
+        check_range(args.repeats, "--repeats", 1)
+        if not torch.cuda.is_available() or not str(args.device).startswith("cuda"):
+            raise UsageError("--speed measures on a CUDA GPU" + (
+                "; this machine has none" if not torch.cuda.is_available() else f", not --device {args.device}"))
+        return facts
+    if args.lengths is not None:
+        raise UsageError("--lengths: only with --speed; the density search uses one --length")
+    args.length = parse_length(args.length, "--length")
+    check_lengths([args.length], facts, "--length")
+    check_range(args.target_density, "--target-density", 0.0, 1.0, lo_open=True)
+    check_range(args.prompts, "--prompts", 1)
+    check_range(args.tol, "--tol", 0.0, lo_open=True)
+    check_range(args.max_steps, "--max-steps", 1)
+    try:
+        _check_search_bounds(args.alpha_max, args.accuracy_steps)
+    except ValueError as err:
+        raise UsageError(str(err).replace("alpha_max", "--alpha-max").replace("accuracy_steps", "--accuracy-steps")
+                         ) from None
+    if args.accuracy_tolerance is not None:
+        check_range(args.accuracy_tolerance, "--accuracy-tolerance", 0.0)
+        args.accuracy_tasks = parse_tasks(args.accuracy_tasks, "--accuracy-tasks")
+        args.accuracy_lengths = parse_lengths(args.accuracy_lengths, "--accuracy-lengths")
+        check_lengths(args.accuracy_lengths, facts, "--accuracy-lengths", extra=48, extra_what="answer tokens")
+        args.accuracy_depths = parse_floats(args.accuracy_depths, "--accuracy-depths", 0.0, 1.0)
+        check_range(args.accuracy_samples, "--accuracy-samples", 1)
+    return facts
 
 
 def run(args) -> int:
     from fp_patch.config import FlashPrefillConfig, defaults_for
-    from fp_patch.evaluation.cli import load_model
-    from fp_patch.evaluation.tasks import build_suite, parse_length
+    from fp_tools.evaluation.cli import load_model
+    from fp_tools.evaluation.tasks import build_suite
 
-    _check_search_bounds(args.alpha_max, args.accuracy_steps)  # before the model loads
-    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
+    check(args)  # before the model loads
+    progress = getattr(args, "progress", True)
+    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype, progress)
     base = (FlashPrefillConfig.from_json(args.base_config) if args.base_config
             else defaults_for(getattr(model.config, "model_type", None)))
     if args.backend:
         base = base.replace(backend=args.backend)
+    if args.speed:
+        return run_speed(args, model, tokenizer, base, progress)
     suite = None
     if args.accuracy_tolerance is not None:
         suite = build_suite(
-            tokenizer, tasks=args.accuracy_tasks.split(","), lengths=args.accuracy_lengths.split(","),
-            depths=[float(x) for x in args.accuracy_depths.split(",")], samples=args.accuracy_samples,
+            tokenizer, tasks=args.accuracy_tasks, lengths=args.accuracy_lengths,
+            depths=args.accuracy_depths, samples=args.accuracy_samples,
             seed=args.seed, haystack=args.haystack,
         )
     result = calibrate(
-        model, tokenizer, target_density=args.target_density, length=parse_length(args.length),
+        model, tokenizer, target_density=args.target_density, length=args.length,
         prompts=args.prompts, per_layer=args.per_layer, base=base, tol=args.tol, max_steps=args.max_steps,
         seed=args.seed, haystack=args.haystack, accuracy_tolerance=args.accuracy_tolerance, accuracy_suite=suite,
-        accuracy_steps=args.accuracy_steps, alpha_max=args.alpha_max,
+        accuracy_steps=args.accuracy_steps, alpha_max=args.alpha_max, progress=progress,
     )
     report = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
     result.history["model"] = model_name
@@ -471,5 +562,30 @@ def run(args) -> int:
         f"calibrated alpha={result.config.alpha:.4g}: density {result.density:.3f} at {result.length} tokens "
         f"(target {result.target_density:.2f}), {result.forward_passes} forward passes in {result.seconds:.0f} s\n"
         f"config: {args.out}\nreport: {report}\n"
+    )
+    return 0
+
+
+def run_speed(args, model, tokenizer, base, progress: bool) -> int:
+    """``calibrate --speed``: :func:`fp_tools.speed_calibration.calibrate_speed` on one prose prompt per
+    length (the density search's prompt builder); writes ``result.apply(base)`` and the measurements."""
+    import torch
+
+    from fp_tools.speed_calibration import calibrate_speed
+
+    device = next(model.parameters()).device
+    prompts = {
+        n: torch.tensor([calibration_prompts(tokenizer, n, 1, seed=args.seed, haystack=args.haystack)[0]],
+                        device=device)
+        for n in args.lengths
+    }
+    result = calibrate_speed(model, prompts, repeats=args.repeats, progress=progress)
+    config = result.apply(base)
+    config.to_json(args.out)
+    report = args.report or str(Path(args.out).with_suffix("")) + ".speed.json"
+    Path(report).write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n", encoding="utf-8")
+    sys.stdout.write(
+        f"speed-calibrated on {', '.join(map(str, args.lengths))} tokens: min_sparse_len {config.min_sparse_len}, "
+        f"dense layers {list(config.dense_layers)}\nconfig: {args.out}\nmeasurements: {report}\n"
     )
     return 0

@@ -1,9 +1,9 @@
-"""Pieces shared by ``flashprefill demo`` and ``flashprefill inspect``: device choice, progress,
+"""Pieces shared by ``flashprefill demo`` and ``flashprefill inspect`` once they run (this module imports
+torch; flag definitions live in the light :mod:`fp_tools.args`): device choice, progress,
 time-to-first-token, and writing a recording's tables and plots to a folder."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 from pathlib import Path
@@ -15,34 +15,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROGRESS_DELAY_S = 2.0
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help only where it adds something: not when the help
-    already states the default, the default is ``None`` (the help says what happens), or the option
-    is a flag (``store_true``)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is None or isinstance(action, argparse._StoreTrueAction):
-            return text
-        return super()._get_help_string(action)
-
-
-def add_device_arguments(parser) -> None:
-    """``--device`` and ``--dtype``, resolved by :func:`resolve_device` and :func:`resolve_dtype`."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on the CPU"
-    )
-
-
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names are checked."""
+    """``"auto"`` -> CUDA when available, else CPU; other names are checked (:class:`fp_tools.args.UsageError`)."""
+    from fp_tools.args import check_device
+
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
-    return device
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -83,13 +63,18 @@ class GenerationProgress:
     time of the first generated token (:attr:`ttft`, measured from :meth:`start`).
     """
 
-    def __init__(self, model, desc: str, max_new_tokens: int, device: torch.device):
+    def __init__(self, model, desc: str, max_new_tokens: int, device: torch.device, progress: bool = True):
         from tqdm.auto import tqdm
 
         self._layers = decoder_layers(model)
         self._device = device
         self._bar = tqdm(
-            total=len(self._layers) + max_new_tokens, desc=desc, unit="step", delay=PROGRESS_DELAY_S, leave=False
+            total=len(self._layers) + max_new_tokens,
+            desc=desc,
+            unit="step",
+            delay=PROGRESS_DELAY_S,
+            leave=False,
+            disable=not progress,
         )
         self._handles = [layer.register_forward_hook(self._layer_done) for layer in self._layers]
         self._prefill_layers = 0
@@ -126,9 +111,12 @@ class GenerationProgress:
         self._bar.close()
 
 
-def timed_generate(model, inputs: dict, *, desc: str, max_new_tokens: int, device: torch.device):
-    """Greedy ``generate``: ``(new token ids [n], time to first token in s, total time in s)``."""
-    progress = GenerationProgress(model, desc, max_new_tokens, device)
+def timed_generate(
+    model, inputs: dict, *, desc: str, max_new_tokens: int, device: torch.device, progress: bool = True
+):
+    """Greedy ``generate``: ``(new token ids [n], time to first token in s, total time in s)``; ``progress``:
+    a bar when it takes more than :data:`PROGRESS_DELAY_S`."""
+    progress = GenerationProgress(model, desc, max_new_tokens, device, progress)
     try:
         with torch.inference_mode():
             progress.start()
@@ -147,12 +135,15 @@ def timed_generate(model, inputs: dict, *, desc: str, max_new_tokens: int, devic
 
 
 @contextlib.contextmanager
-def prefill_progress(model, desc: str):
-    """A tqdm bar over the decoder layers of the forward passes inside the block (delayed like above)."""
+def prefill_progress(model, desc: str, progress: bool = True):
+    """A tqdm bar over the decoder layers of the forward passes inside the block (delayed like above;
+    none when ``progress`` is false)."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    bar = tqdm(total=len(layers) or None, desc=desc, unit="layer", delay=PROGRESS_DELAY_S, leave=False)
+    bar = tqdm(
+        total=len(layers) or None, desc=desc, unit="layer", delay=PROGRESS_DELAY_S, leave=False, disable=not progress
+    )
 
     def layer_done(*_) -> None:  # a forward hook's return value would replace the layer's output
         bar.update(1)
@@ -166,19 +157,20 @@ def prefill_progress(model, desc: str):
         bar.close()
 
 
-def heads_to_draw(rec, layer: int) -> list[int]:
-    """The sparsest query head of ``layer`` and the densest one still below 100 % (the one whose map
-    shows the most blocks chosen by score rather than by the always-kept rules)."""
+def heads_to_draw(rec, layer: int) -> list[tuple[int, str]]:
+    """``[(head, "sparsest"), (head, "densest")]``: the sparsest query head of ``layer`` and the densest
+    one still below 100 % (the one whose map shows the most blocks chosen by score rather than by the
+    always-kept rules); one entry when they coincide or every other head is at 100 %."""
     frame = rec.to_frame()
     rows = frame[frame["layer"] == layer]
     if not len(rows):
         raise ValueError(f"layer {layer} recorded no sparse call")
     per_head = rows.groupby("head").agg(b=("blocks", "sum"), c=("causal_blocks", "sum"))
     density = per_head["b"] / per_head["c"].clip(lower=1)
-    heads = [int(density.idxmin())]
+    heads = [(int(density.idxmin()), "sparsest")]
     sparse = density[density < 1.0]
-    if len(sparse) and int(sparse.idxmax()) not in heads:
-        heads.append(int(sparse.idxmax()))
+    if len(sparse) and int(sparse.idxmax()) != heads[0][0]:
+        heads.append((int(sparse.idxmax()), "densest"))
     return heads
 
 
@@ -187,8 +179,9 @@ def save_recording(rec, out_dir: Path, *, map_layers=(), prefix: str = "") -> li
 
     ``density.csv`` (per run, layer, head), ``layers.csv`` (per run and layer, with dense-fallback
     reasons), ``density_heatmap.png``, ``density_vs_length.png`` (when runs of several lengths were
-    recorded), ``block_map_L{layer}_H{head}.png`` for two heads of each layer in
-    ``map_layers`` (when its map was recorded) and ``layer_error.png`` (when errors were recorded).
+    recorded), ``block_map_L{layer}_H{head}_sparsest.png`` and ``..._densest.png`` (the densest head
+    below 100 %) for each layer in ``map_layers`` (when its map was recorded) and ``layer_error.png``
+    (when errors were recorded).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,8 +205,8 @@ def save_recording(rec, out_dir: Path, *, map_layers=(), prefix: str = "") -> li
     for layer in map_layers:
         if layer not in set(frame["layer"]):
             continue
-        for head in heads_to_draw(rec, layer):
-            path = out_dir / f"{prefix}block_map_L{layer}_H{head}.png"
+        for head, which in heads_to_draw(rec, layer):
+            path = out_dir / f"{prefix}block_map_L{layer}_H{head}_{which}.png"
             rec.plot("block_map", layer=layer, head=head, path=path)
             written.append(path)
     if "rel_error" in frame:

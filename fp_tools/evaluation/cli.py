@@ -18,6 +18,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from fp_tools.args import (
+    SMOLLM2,
+    UsageError,
+    check_device,
+    check_lengths,
+    check_out_dir,
+    check_range,
+    model_facts,
+    parse_floats,
+)
+
 from .runner import RESULTS_FILE, Implementation, check_resumable, evaluate, implementation_record, read_results
 from .tasks import TASKS, build_suite, parse_length
 
@@ -27,7 +38,7 @@ RUN_FILE = "run.json"
 DATASET_DIR = "dataset"
 
 
-def load_model(name: str, device: str = "cpu", dtype: str | None = None):
+def load_model(name: str, device: str = "cpu", dtype: str | None = None, progress: bool = True):
     """``(model, tokenizer, description)``: ``"smollm2"`` is the embedded model, anything else a local folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +49,7 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None):
     if name == "smollm2":
         from fp_patch.models import load_smollm2
 
-        model, tokenizer = load_smollm2("sdpa", device=device, dtype=torch_dtype)
+        model, tokenizer = load_smollm2("sdpa", device=device, dtype=torch_dtype, progress=progress)
         return model, tokenizer, "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)"
     if not Path(name).is_dir():
         raise ValueError(f"--model must be 'smollm2' or a local model folder; {name!r} is not a folder")
@@ -55,8 +66,9 @@ def _csv(text: str) -> list[str]:
 
 def add_model_arguments(parser) -> None:
     """``--model``, ``--device``, ``--dtype`` (shared with ``flashprefill calibrate``); see :func:`load_model`."""
-    parser.add_argument("--model", default="smollm2",
-                        help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default=SMOLLM2,
+                        help="a local Hugging Face model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct "
+                             "(converted once, cached under $FLASHPREFILL_CACHE or ~/.cache/flashprefill)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -66,7 +78,8 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated tasks (default: all: {', '.join(TASKS)})")
-    parser.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens, e.g. 1K,2K,4K,8K or 1000")
+    parser.add_argument("--lengths", default="1K,2K,4K",
+                        help="prompt lengths in tokens, e.g. 1K,2K,4K,8K or 1000 (at most the model's context)")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1] (the sweep)")
     parser.add_argument("--sweep-tasks", default="niah_single",
                         help="tasks run at every --depths; the other tasks use --fixed-depth ('all' sweeps all)")
@@ -87,21 +100,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="flashprefill-eval", help="output folder (resumed if it exists)")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-plots", action="store_true", help="skip the needle heatmaps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (as flashprefill -q)")
+
+
+def parse_tasks(text: str, flag: str) -> list[str]:
+    tasks = _csv(text)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise UsageError(f"{flag}: unknown task(s) {unknown or [text]}; choose from {', '.join(TASKS)}")
+    return tasks
 
 
 def suite_settings(args) -> dict:
     """What defines the suite; a resumed run must have the same."""
-    tasks = _csv(args.tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
-    sweep = tasks if args.sweep_tasks == "all" else _csv(args.sweep_tasks)
+    tasks = parse_tasks(args.tasks, "--tasks")
+    sweep = tasks if args.sweep_tasks == "all" else parse_tasks(args.sweep_tasks, "--sweep-tasks")
     return {
         "model": args.model,
         "tasks": tasks,
-        "lengths": [parse_length(x) for x in _csv(args.lengths)],
-        "depths": [float(x) for x in _csv(args.depths)],
+        "lengths": [parse_length(x, "--lengths") for x in _csv(args.lengths)],
+        "depths": parse_floats(args.depths, "--depths", 0.0, 1.0),
         "sweep_tasks": [t for t in tasks if t in sweep],
         "fixed_depth": args.fixed_depth,
         "samples": args.samples,
@@ -143,14 +161,14 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, specs: dict[str, di
     previous = json.loads(run_file.read_text())
     if previous["suite"] != settings:
         changed = sorted(k for k in settings if previous["suite"].get(k) != settings[k])
-        raise ValueError(
+        raise UsageError(
             f"{out} holds results of a different suite (differs in: {', '.join(changed)}); "
             "use another --out, or --overwrite to discard them"
         )
     earlier = previous.get("implementation_specs", {})  # absent in run.json files written before specs were kept
     for label, spec in (specs or {}).items():
         if label in earlier and earlier[label]["impl_spec"] != spec:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds results labelled {label!r} from {earlier[label]['impl_spec']}, but --impl now gives "
                 f"{spec} under that label; results of two configurations are never mixed under one label: give "
                 "this one another label=..., use another --out, or --overwrite to discard the old results"
@@ -169,6 +187,53 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
+# what a user may name with --impl besides flashprefill (Transformers' own implementations)
+DENSE_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_implementations(specs: list[str], model_type: str | None, backend: str | None) -> list[Implementation]:
+    """Parse every ``--impl`` and build its FlashPrefill settings, so a bad one fails before the model loads."""
+    impls = []
+    for text in specs:
+        try:
+            impl = Implementation.parse(text)
+        except ValueError as err:
+            raise UsageError(f"--impl {text!r}: {err}") from None
+        if impl.name not in ("flashprefill", *DENSE_IMPLEMENTATIONS):
+            raise UsageError(f"--impl {text!r}: unknown implementation {impl.name!r}; use flashprefill[:options] or "
+                             f"one of {', '.join(DENSE_IMPLEMENTATIONS)}")
+        if impl.is_sparse:
+            from fp_patch.config import FlashPrefillConfig, defaults_for
+
+            options = impl.spec(backend)["options"]
+            path = options.pop("config", None)
+            try:
+                base = FlashPrefillConfig.from_json(path) if path else defaults_for(model_type)
+                base.replace(**options)
+            except (OSError, ValueError, TypeError) as err:
+                raise UsageError(f"--impl {text!r}: {err}") from None
+        impls.append(impl)
+    labels = [i.label for i in impls]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--impl: labels must be distinct, got {labels}; add label=NAME to tell them apart")
+    return impls
+
+
+def check(args) -> tuple[dict, list[Implementation]]:
+    """Every flag, before the model loads: ``(suite settings, implementations)``."""
+    facts = model_facts(args.model)
+    settings = suite_settings(args)
+    check_range(args.fixed_depth, "--fixed-depth", 0.0, 1.0)
+    check_range(args.samples, "--samples", 1)
+    check_range(args.max_new_tokens, "--max-new-tokens", 1)
+    answer = args.max_new_tokens or max(TASKS[t].max_new_tokens for t in settings["tasks"])
+    check_lengths(settings["lengths"], facts, extra=answer, extra_what="answer tokens")
+    check_out_dir(args.out)
+    check_device(args.device)
+    impls = check_implementations(args.impl or ["sdpa", "flashprefill"], facts.model_type, args.backend)
+    return settings, impls
+
+
 def run(args) -> int:
     import datasets
     import torch
@@ -176,20 +241,23 @@ def run(args) -> int:
 
     from .report import write_report
 
-    settings = suite_settings(args)
-    impls = [Implementation.parse(s) for s in (args.impl or ["sdpa", "flashprefill"])]
+    settings, impls = check(args)
     out = Path(args.out)
     _prepare_out(out, settings, args.overwrite, {i.label: i.spec(args.backend) for i in impls})
     previous = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype)
+    progress = getattr(args, "progress", True) and not args.no_progress
+    model, tokenizer, model_name = load_model(args.model, args.device, args.dtype, progress)
     if (out / DATASET_DIR).exists():
         dataset = datasets.load_from_disk(str(out / DATASET_DIR))
     else:
         dataset = build_datasets(tokenizer, settings)
         dataset.save_to_disk(str(out / DATASET_DIR))
     described = {i.label: implementation_record(model, i, args.backend) for i in impls}
-    check_resumable(read_results(out / RESULTS_FILE), described)  # before run.json takes the new specs
+    try:
+        check_resumable(read_results(out / RESULTS_FILE), described)  # before run.json takes the new specs
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["flashprefill", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
@@ -214,7 +282,7 @@ def run(args) -> int:
             previous.pop(key, None)
         meta["earlier_runs"] = [*earlier, previous]
     (out / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=not args.no_progress,
+    evaluate(model, tokenizer, dataset, impls, out, backend=args.backend, progress=progress,
              max_new_tokens=args.max_new_tokens)
     labels = {i.label for i in impls}
     records = [r for r in read_results(out / RESULTS_FILE) if r["impl"] in labels]

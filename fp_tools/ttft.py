@@ -177,7 +177,7 @@ def group_kernel_times(times: list[tuple[str, float]]) -> dict:
 def prompt_inputs(model, tokenizer, length: int, device: str, seed: int = 0):
     """``(inputs, needle number)``: a needle prompt with a tokenizer, else random ids (seeded by length)."""
     if tokenizer is not None:
-        from fp_patch.demo import needle_prompt
+        from fp_tools.demo import needle_prompt
 
         prompt = needle_prompt(tokenizer, length)
         return {k: v.to(device) for k, v in prompt["inputs"].items()}, prompt["number"]
@@ -421,40 +421,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ttft", action="store_true", help="time generate() end to end (this benchmark)")
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--alpha", type=float, default=None, help="default: the model's published alpha")
-    parser.add_argument("--densities", type=float, nargs="*", default=[],
-                        help="extra rows at these fixed densities (alpha=1.0 with the min_budget that gives "
-                             "them), e.g. 0.05 0.2")
-    parser.add_argument("--layers", type=int, default=None, help="random models: keep the first N layers")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=_positive, default=1,
-                        help="calls per variant reported apart before the timed ones (default: the first)")
-    parser.add_argument("--min-sparse-len", type=int, default=None,
-                        help="default: the model's (fp_patch.MODEL_DEFAULTS)")
-    parser.add_argument("--ten-lengths", type=int, default=None, metavar="L",
-                        help="also time ten prompts of ten lengths near L against ten of length L")
-    parser.add_argument("--profile", action="store_true", help="split one prefill's GPU time by kernel group")
-    parser.add_argument("--only", nargs="*", default=[], metavar="LABEL",
-                        help="run only these rows besides sdpa, e.g. 'flashprefill @20%% fixed'")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=Path("bench_ttft.json"), help="JSON results (and .md beside it)")
-
-
 def run(args: argparse.Namespace) -> int:
-    from fp_kernels.benchmark import environment
-
     import fp_patch  # noqa: F401  (registers "flashprefill")
+    from fp_tools.benchmark import environment
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("flashprefill bench --ttft needs a CUDA GPU (or --device cpu for a dry run)")

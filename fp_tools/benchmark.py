@@ -13,13 +13,12 @@ import datetime as _dt
 import json
 import math
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fp_kernels import flash_prefill
+from fp_kernels.geometry import num_query_slots
 
-from .api import flash_prefill
-from .geometry import num_query_slots
 from .synthetic import random_block_lists, structured_qkv
 
 KIB = 1024
@@ -104,7 +103,7 @@ def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, l
     """Fraction of block decisions on sampled (slot, head) pairs of batch row 0 that disagree with
     the fp32 scores of :func:`fp_kernels.block_scores_reference` by more than float rounding
     (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs and per-head selection."""
-    from .reference import block_scores_reference
+    from fp_kernels.reference import block_scores_reference
 
     if info.group_select:
         return 0.0
@@ -167,9 +166,9 @@ def run_benchmark(
     results = {"environment": environment(), "shape": {
         "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
         "block_size": block_size, "alpha": alpha, **rules,
-        "inputs": "fp_kernels.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
+        "inputs": "fp_tools.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
     }, "rows": []}
-    from .sparse_attention import sparse_attention
+    from fp_kernels.sparse_attention import sparse_attention
 
     for seq_len in lengths:
         q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=dtype, device="cuda",
@@ -243,8 +242,8 @@ def run_benchmark(
 
 
 def _build_index(q, k, seq_len, alpha, block_size, rules):
-    from .pool import pool_keys
-    from .select import select_blocks
+    from fp_kernels.pool import pool_keys
+    from fp_kernels.select import select_blocks
 
     return select_blocks(q, pool_keys(k, block_size), seq_len, alpha, block_size, **rules)
 
@@ -293,17 +292,6 @@ def markdown_table(results: dict) -> str:
             f"{g('sparse_60pct_tflops_computed', '{:.0f}')} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ttft", action="store_true",
-                        help="time generate() end to end instead: see flashprefill bench --ttft --help")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--alpha", type=float, default=0.18)
-    parser.add_argument("--out", type=Path, default=Path("bench_operator.json"), help="JSON results file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 ::
 
-    from fp_patch.evaluation import build_suite, evaluate, write_report
+    from fp_tools.evaluation import build_suite, evaluate, write_report
     suite = build_suite(tokenizer, lengths=["1K", "4K"], depths=[0.1, 0.5, 0.9])   # datasets.Dataset
     records = evaluate(model, tokenizer, suite, ["sdpa", "flashprefill"], "eval-out")  # resumable
     write_report(records, "eval-out")     # summary.csv/json/md + needle heatmaps

@@ -20,7 +20,7 @@ _NOT_RECORDING = contextlib.nullcontext()
 
 def flash_prefill_triton(
     q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-    min_budget, scale, group_select,
+    min_budget, scale, group_select, mean_correction=False,
 ):
     """Run the three kernels; returns ``(out, block_index, block_count)``. Inputs are validated.
 
@@ -31,22 +31,22 @@ def flash_prefill_triton(
     if (kv_start is None and kv_end is None and q.is_cuda and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and not hooked()):
         key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, alpha, block_size,
-               sink_blocks, window_blocks, last_dense_blocks, min_budget, scale, group_select)
+               sink_blocks, window_blocks, last_dense_blocks, min_budget, scale, group_select, mean_correction)
         plan = _PLANS.get(key)
         if plan is not None:
             with launch_device(q):
                 return plan.run((q, k, v), q.device)
     record = key is not None and key not in _PLANS  # a signature's first call
     with recording() if record else _NOT_RECORDING as launches:
-        out, index, count, kbar = _launch(
+        out, index, count, means = _launch(
             q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select,
+            min_budget, scale, group_select, mean_correction,
         )
     if record:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         # the three launches of a scored call; anything else (nothing to score, no query block) runs as is
-        outputs = (kbar, index, count, out) if kbar is not None else ()
+        outputs = (*means, index, count, out) if means else ()
         _PLANS[key] = (LaunchPlan.build(launches, (q, k, v), outputs, (out, index, count))
                        if len(launches) == 3 else None)
     return out, index, count
@@ -54,9 +54,10 @@ def flash_prefill_triton(
 
 def _launch(
     q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-    min_budget, scale, group_select,
+    min_budget, scale, group_select, mean_correction=False,
 ):
-    """``(out, block_index, block_count, kbar)`` through Triton's usual launch path."""
+    """``(out, block_index, block_count, means)`` through Triton's usual launch path; ``means`` is
+    ``(kbar,)``, ``(kbar, vbar)`` with the mean correction, or ``()`` when nothing was pooled."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     has_ranges = kv_start is not None or kv_end is not None
@@ -70,12 +71,21 @@ def _launch(
         n_slots = num_query_slots(q_len, k_len, block_size, has_ranges)
         nkb = num_key_blocks(k_len, block_size)
         return (q.new_empty(batch, 0, hq, dim), q.new_zeros(batch, hsel, n_slots, nkb, dtype=torch.int32),
-                q.new_zeros(batch, hsel, n_slots, dtype=torch.int32), None)
+                q.new_zeros(batch, hsel, n_slots, dtype=torch.int32), ())
     needs_scores = alpha > 0 or min_budget > 0
-    kbar = pool_keys(k, block_size, kv_start, kv_end) if needs_scores else None
+    # without scores every visible block is listed, so no block is skipped and nothing is corrected
+    mean_correction = mean_correction and needs_scores
+    if mean_correction:
+        # float32 means: the stand-ins use them unrounded; the scoring rounds kbar to q's dtype in the
+        # kernel, which selects exactly what a kbar pooled in q's dtype selects (one rounding either way)
+        means = pool_keys(k, block_size, kv_start, kv_end, out_dtype=torch.float32, v=v)
+    else:
+        means = (pool_keys(k, block_size, kv_start, kv_end),) if needs_scores else ()
+    kbar = means[0] if means else None
     index, count = select_blocks(
         q, kbar, k_len, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget,
         scale, kv_start, kv_end, group_select, num_kv_heads=hkv,
     )
-    out = sparse_attention(q, k, v, index, count, block_size, scale, kv_start, kv_end)
-    return out, index, count, kbar
+    out = sparse_attention(q, k, v, index, count, block_size, scale, kv_start, kv_end,
+                           mean_correction=mean_correction, kbar=kbar, vbar=means[-1] if mean_correction else None)
+    return out, index, count, means

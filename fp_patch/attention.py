@@ -447,5 +447,5 @@ def _sparse(query, key, value, route, cfg, alpha: float, scaling, want_info: boo
     return flash_prefill(
         q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
         cfg.min_budget, scale, kv_start=kv_start, kv_end=kv_end, group_select=cfg.group_select,
-        return_info=want_info, backend=cfg.backend,
+        return_info=want_info, backend=cfg.backend, mean_correction=cfg.mean_correction,
     )

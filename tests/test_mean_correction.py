@@ -268,3 +268,40 @@ def test_real_size_bf16_against_fp32_reference(group_select):
     assert_close_to_reference(out, ref32, ref_lowp, "bf16 8K")
     uncorrected = sparse_attention_reference(q.float(), k.float(), v.float(), info.block_index, info.block_count)
     assert (uncorrected.float() - ref32.float()).abs().max() > 10 * (out.float() - ref32.float()).abs().max()
+
+
+# -- the Transformers layer ----------------------------------------------------------------------------
+
+
+def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
+    """``FlashPrefillConfig.mean_correction`` is validated, survives JSON and ``flashprefill eval``'s
+    ``--impl flashprefill:mean_correction=true``, and the attention function passes it to the operator;
+    on a tiny Llama with local attention the corrected logits differ from the uncorrected ones."""
+    import fp_kernels
+    from test_integration import LOCAL, build_pair, forward, model_inputs
+
+    import fp_patch
+    from fp_patch.config import FlashPrefillConfig
+    from fp_patch.evaluation.runner import Implementation, resolve_config
+
+    cfg = FlashPrefillConfig(mean_correction=True)
+    assert FlashPrefillConfig.from_json(cfg.to_json()) == cfg and not FlashPrefillConfig().mean_correction
+    with pytest.raises(ValueError, match="mean_correction"):
+        FlashPrefillConfig(mean_correction="yes")
+    fp, ref = build_pair("llama", local=LOCAL)
+    impl = Implementation.parse("flashprefill:mean_correction=true,label=corrected")
+    assert resolve_config(fp, impl).mean_correction is True
+    seen = []
+    real = fp_kernels.flash_prefill
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["mean_correction"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fp_kernels, "flash_prefill", spy)
+    inputs = model_inputs(fp, "llama", 384)
+    plain = forward(fp, **inputs)
+    fp_patch.configure(fp, mean_correction=True)
+    corrected = forward(fp, **inputs)
+    assert seen and not any(seen[: len(seen) // 2]) and all(seen[len(seen) // 2 :])
+    assert (corrected - plain).abs().max() > 1e-3

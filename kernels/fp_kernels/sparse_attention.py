@@ -10,8 +10,8 @@ With ``MEAN_CORRECTION`` the program then walks the complement of its list among
 its query block (``j < qb``) in chunks of ``CORR_CHUNK`` block ids, and folds one stand-in score
 column per skipped block into the same online softmax: logit ``scale * q . kbar_j + log n_j``,
 value ``vbar_j`` (``n_j`` the block's valid keys), i.e. ``n_j exp(scale q . kbar_j)`` added to the
-denominator and that times ``vbar_j`` to the numerator. Block means are float32 and these two dots
-run in float32 (TF32 on the tensor cores), so the stand-ins are not rounded to the input dtype.
+denominator and that times ``vbar_j`` to the numerator. Block means are float32 and enter the dots
+as two input-dtype halves (``hi + lo``), so the stand-ins are not rounded to the input dtype.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 
 
 @triton.jit
+def _split(x, dtype: tl.constexpr):
+    """float32 ``x`` as ``hi + lo`` in ``dtype`` (twice its mantissa): float32-grade dots on the
+    tensor cores at the input precision, with ``q``/``p`` as they are."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _attend_skipped_means(
     acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, count, n_corr, n, d, d_ok, scale_log2,
     BLOCK_SIZE: tl.constexpr, CORR_CHUNK: tl.constexpr,
@@ -65,9 +73,10 @@ def _attend_skipped_means(
 
     Chunk ``c`` covers ids ``[c0, c0 + CORR_CHUNK)``; the list entries in that range are the (at most
     ``CORR_CHUNK``) entries from ``pos`` on, where ``pos`` counts the entries below ``c0``, so one
-    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk."""
+    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk. The float32 means enter
+    the dots split in two (``_split``); the probabilities are rounded to the input dtype before
+    ``P @ Vbar``, as the main loop rounds them before ``P @ V``."""
     cols = tl.arange(0, CORR_CHUNK)
-    qf = q.to(tl.float32)
     pos = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_corr, CORR_CHUNK):
         j = c0 + cols
@@ -79,17 +88,23 @@ def _attend_skipped_means(
         if tl.max(skipped.to(tl.int32), axis=0) > 0:
             mask = skipped[:, None] & d_ok[None, :]
             kbar = tl.load(kbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
-            vbar = tl.load(vbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
+            k_hi, k_lo = _split(kbar, q.dtype)
+            qk = tl.dot(q, tl.trans(k_hi))
+            qk = tl.dot(q, tl.trans(k_lo), qk)
             size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
-            logit = tl.dot(qf, tl.trans(kbar)) * scale_log2 + tl.log2(size.to(tl.float32))[None, :]
-            logit = tl.where(skipped[None, :], logit, float("-inf"))
+            logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logit, axis=1))
             # a row with no valid key and no stand-in keeps a finite pivot (0 out, not NaN)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(logit - m_new[:, None])
             rescale = tl.exp2(m_i - m_new)
             l_i = l_i * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(p, vbar)
+            vbar = tl.load(vbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
+            v_hi, v_lo = _split(vbar, q.dtype)
+            p = p.to(q.dtype)
+            pv = tl.dot(p, v_hi)
+            pv = tl.dot(p, v_lo, pv)
+            acc = acc * rescale[:, None] + pv
             m_i = m_new
     return acc, m_i, l_i
 

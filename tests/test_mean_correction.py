@@ -276,9 +276,9 @@ def test_real_size_bf16_against_fp32_reference(group_select):
 def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     """``FlashPrefillConfig.mean_correction`` is validated, survives JSON and ``flashprefill eval``'s
     ``--impl flashprefill:mean_correction=true``, and the attention function passes it to the operator;
-    on a tiny Llama with local attention the corrected logits differ from the uncorrected ones."""
+    on a tiny Llama with local attention the corrected logits are closer to the sdpa model's."""
     import fp_kernels
-    from test_integration import LOCAL, build_pair, forward, model_inputs
+    from test_integration import DTYPE, LOCAL, build_pair, forward, model_inputs
 
     import fp_patch
     from fp_patch.config import FlashPrefillConfig
@@ -304,4 +304,8 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     fp_patch.configure(fp, mean_correction=True)
     corrected = forward(fp, **inputs)
     assert seen and not any(seen[: len(seen) // 2]) and all(seen[len(seen) // 2 :])
-    assert (corrected - plain).abs().max() > 1e-3
+    dense = forward(ref, **inputs)
+    err_plain, err_corrected = ((x - dense).norm() / dense.norm() for x in (plain, corrected))
+    assert (corrected - plain).abs().max() > 1e-5
+    if DTYPE == torch.float32:  # measured: 4.2e-4 -> 2.1e-4 (bfloat16 on the GPU rounds more than that)
+        assert err_corrected < 0.75 * err_plain, (err_plain, err_corrected)

@@ -75,10 +75,8 @@ def _launch(
     needs_scores = alpha > 0 or min_budget > 0
     # without scores every visible block is listed, so no block is skipped and nothing is corrected
     mean_correction = mean_correction and needs_scores
-    if mean_correction:
-        # float32 means: the stand-ins use them unrounded; the scoring rounds kbar to q's dtype in the
-        # kernel, which selects exactly what a kbar pooled in q's dtype selects (one rounding either way)
-        means = pool_keys(k, block_size, kv_start, kv_end, out_dtype=torch.float32, v=v)
+    if mean_correction:  # the mean values in the same pass; kbar (and so the selection) is unchanged
+        means = pool_keys(k, block_size, kv_start, kv_end, v=v)
     else:
         means = (pool_keys(k, block_size, kv_start, kv_end),) if needs_scores else ()
     kbar = means[0] if means else None

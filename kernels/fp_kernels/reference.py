@@ -160,8 +160,9 @@ def sparse_attention_reference(
     ``q [B, Lq, Hq, D]``, ``k``/``v [B, Lk, Hkv, D]``; ``block_index [B, Hsel, S, nkb]`` with the
     first ``block_count [B, Hsel, S]`` entries valid (``Hsel`` is ``Hq`` or ``Hkv``). Query rows that
     see no listed key (and rows before ``kv_start``) are 0. ``round_probs`` rounds the unnormalised
-    probabilities to ``q.dtype`` before ``P @ V``, as the kernels do: the difference to the exact
-    result is the reference's own low-precision error, which test tolerances are scaled by.
+    probabilities to ``q.dtype`` before ``P @ V`` (and the stand-ins' block means, below), as the
+    kernels do: the difference to the exact result is the reference's own low-precision error, which
+    test tolerances are scaled by.
 
     ``mean_correction``: every key block ``j`` before slot ``s``'s query block ``qb`` (``j <
     min(qb, n_vis)``) that the head's list skips adds one stand-in column to each row of the slot:
@@ -182,8 +183,9 @@ def sparse_attention_reference(
     probs_dtype = q.dtype if round_probs else None
     heads = torch.arange(hq, device=q.device)
     if mean_correction:
-        kbar = pool_keys_reference(k, block_size, start, end)
-        vbar = pool_keys_reference(v, block_size, start, end)
+        kbar, vbar = (pool_keys_reference(x, block_size, start, end) for x in (k, v))
+        if round_probs:
+            kbar, vbar = (x.to(q.dtype).float() for x in (kbar, vbar))
     for b in range(batch):
         o, n = int(start[b]), int(end[b] - start[b])
         for s in range(n_slots):

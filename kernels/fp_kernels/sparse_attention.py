@@ -10,8 +10,10 @@ With ``MEAN_CORRECTION`` the program then walks the complement of its list among
 its query block (``j < qb``) in chunks of ``CORR_CHUNK`` block ids, and folds one stand-in score
 column per skipped block into the same online softmax: logit ``scale * q . kbar_j + log n_j``,
 value ``vbar_j`` (``n_j`` the block's valid keys), i.e. ``n_j exp(scale q . kbar_j)`` added to the
-denominator and that times ``vbar_j`` to the numerator. Block means are float32 and enter the dots
-as two input-dtype halves (``hi + lo``), so the stand-ins are not rounded to the input dtype.
+denominator and that times ``vbar_j`` to the numerator. The means are pooled in float32 and rounded
+once to the input dtype (``kbar`` is the one the selection scores with); like ``K``, ``V`` and ``P``
+they enter the dots in that dtype. (Splitting them into two input-dtype halves would double the
+correction's dot work for a rounding the reference's low-precision variant already accounts for.)
 """
 
 from __future__ import annotations
@@ -56,14 +58,6 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 
 
 @triton.jit
-def _split(x, dtype: tl.constexpr):
-    """float32 ``x`` as ``hi + lo`` in ``dtype`` (twice its mantissa): float32-grade dots on the
-    tensor cores at the input precision, with ``q``/``p`` as they are."""
-    hi = x.to(dtype)
-    return hi, (x - hi.to(tl.float32)).to(dtype)
-
-
-@triton.jit
 def _attend_skipped_means(
     acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, count, n_corr, n, d, d_ok, scale_log2,
     BLOCK_SIZE: tl.constexpr, CORR_CHUNK: tl.constexpr,
@@ -73,9 +67,8 @@ def _attend_skipped_means(
 
     Chunk ``c`` covers ids ``[c0, c0 + CORR_CHUNK)``; the list entries in that range are the (at most
     ``CORR_CHUNK``) entries from ``pos`` on, where ``pos`` counts the entries below ``c0``, so one
-    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk. The float32 means enter
-    the dots split in two (``_split``); the probabilities are rounded to the input dtype before
-    ``P @ Vbar``, as the main loop rounds them before ``P @ V``."""
+    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk. The means and the
+    probabilities enter the dots in the input dtype, as ``K``, ``V`` and ``P`` do in the main loop."""
     cols = tl.arange(0, CORR_CHUNK)
     pos = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_corr, CORR_CHUNK):
@@ -88,9 +81,7 @@ def _attend_skipped_means(
         if tl.max(skipped.to(tl.int32), axis=0) > 0:
             mask = skipped[:, None] & d_ok[None, :]
             kbar = tl.load(kbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
-            k_hi, k_lo = _split(kbar, q.dtype)
-            qk = tl.dot(q, tl.trans(k_hi))
-            qk = tl.dot(q, tl.trans(k_lo), qk)
+            qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
             size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
             logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logit, axis=1))
@@ -100,11 +91,7 @@ def _attend_skipped_means(
             rescale = tl.exp2(m_i - m_new)
             l_i = l_i * rescale + tl.sum(p, axis=1)
             vbar = tl.load(vbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
-            v_hi, v_lo = _split(vbar, q.dtype)
-            p = p.to(q.dtype)
-            pv = tl.dot(p, v_hi)
-            pv = tl.dot(p, v_lo, pv)
-            acc = acc * rescale[:, None] + pv
+            acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
             m_i = m_new
     return acc, m_i, l_i
 
@@ -272,8 +259,8 @@ def sparse_attention(
     ``mean_correction``: also add, for every key block ``j`` before a slot's query block that its
     list skips, ``n_j exp(scale q . kbar_j)`` to each row's softmax denominator and that times
     ``vbar_j`` to its numerator (``n_j`` the block's valid keys); see :func:`fp_kernels.flash_prefill`.
-    ``kbar``/``vbar`` (``[B, nkb, Hkv, D]`` float32, from ``pool_keys(k, block_size, kv_start, kv_end,
-    torch.float32, v=v)``) are pooled here when not given.
+    ``kbar``/``vbar`` (``[B, nkb, Hkv, D]``, from ``pool_keys(k, block_size, kv_start, kv_end, v=v)``,
+    any float dtype: they are rounded to ``q.dtype`` in the kernel) are pooled here when not given.
     """
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
@@ -297,14 +284,14 @@ def sparse_attention(
         from .pool import pool_keys
 
         ranges = normalize_ranges(batch, k_len, kv_start, kv_end, q.device) if has_ranges else (None, None)
-        kbar, vbar = pool_keys(k, block_size, *ranges, out_dtype=torch.float32, v=v)
+        kbar, vbar = pool_keys(k, block_size, *ranges, v=v)
     if mean_correction and not (kbar.shape == vbar.shape == (batch, block_index.shape[-1], hkv, dim)
-                                and kbar.dtype == vbar.dtype == torch.float32 and kbar.stride() == vbar.stride()
-                                and kbar.stride(-1) == 1):
+                                and kbar.dtype == vbar.dtype and kbar.dtype.is_floating_point
+                                and kbar.stride() == vbar.stride() and kbar.stride(-1) == 1):
         raise ValueError(
-            f"kbar and vbar must be float32 [B, nkb, Hkv, D] = {(batch, block_index.shape[-1], hkv, dim)} with the "
-            f"same strides, got {tuple(kbar.shape)} {kbar.dtype} and {tuple(vbar.shape)} {vbar.dtype}; "
-            "pool them with pool_keys(k, block_size, kv_start, kv_end, torch.float32, v=v)"
+            f"kbar and vbar must be [B, nkb, Hkv, D] = {(batch, block_index.shape[-1], hkv, dim)} of one float dtype "
+            f"with the same strides, got {tuple(kbar.shape)} {kbar.dtype} and {tuple(vbar.shape)} {vbar.dtype}; "
+            "pool them with pool_keys(k, block_size, kv_start, kv_end, v=v)"
         )
     means = (kbar, vbar) if mean_correction else (block_count, block_count)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)

@@ -62,9 +62,8 @@ def sync_ms(fn) -> float:
 
 def measure(model, name: str, inputs: dict, settings, repeats: int) -> dict:
     """Dense vs sparse prefill of ``inputs`` (taking turns), then one recorded pass of the sparse one."""
-    from fp_tools.ttft import checked_pass
-
     import fp_patch
+    from fp_tools.ttft import checked_pass
 
     def forward():
         with torch.no_grad():
@@ -121,12 +120,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("crossover.py needs a CUDA GPU")
-    from fp_tools.benchmark import environment
-    from fp_tools.ttft import build_random, git_commit, prompt_inputs
-
     import fp_patch
     from fp_patch.budget import budget_for_density
+    from fp_tools.benchmark import environment
     from fp_tools.speed_calibration import crossover
+    from fp_tools.ttft import build_random, git_commit, prompt_inputs
 
     started = time.perf_counter()
     results = {"environment": environment(), "commit": git_commit(), "repeats": args.repeats,

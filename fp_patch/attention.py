@@ -361,5 +361,5 @@ def _sparse(query, key, value, where: Sparse, cfg, alpha: float, scaling, want_i
     return fp_kernels.flash_prefill(  # looked up per call: tests and tools may wrap it
         q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
         cfg.min_budget, scale, kv_start=where.kv_start, kv_end=where.kv_end, group_select=cfg.group_select,
-        return_info=want_info, backend=cfg.backend,
+        return_info=want_info, backend=cfg.backend, mean_correction=cfg.mean_correction,
     )

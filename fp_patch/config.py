@@ -68,6 +68,10 @@ class FlashPrefillConfig:
         layer_alpha: per-layer ``alpha`` overrides, ``{layer_idx: alpha}``.
         group_select: one block selection per GQA group (union of its query heads) instead of one
             per query head.
+        mean_correction: give each skipped key block before the query block one stand-in term in
+            the softmax (its length times the exponentiated score of its mean key, with its mean
+            value) instead of dropping it; see ``fp_kernels.flash_prefill``. Same selection and
+            density, a little more work per skipped block.
         backend: ``"auto"`` (Triton kernels where they run, the PyTorch reference on the CPU, dense
             SDPA on other devices/dtypes the kernels can't take), ``"triton"`` (kernels or an error)
             or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
@@ -87,6 +91,7 @@ class FlashPrefillConfig:
     dense_layers: tuple[int, ...] = ()
     layer_alpha: Mapping[int, float] = field(default_factory=dict)
     group_select: bool = False
+    mean_correction: bool = False
     backend: str = "auto"
     strict: bool = False
 
@@ -110,7 +115,7 @@ class FlashPrefillConfig:
             layer = int(key) if isinstance(key, str) and key.isdigit() else key
             overrides[_check_int("layer_alpha key", layer, 0)] = _check_alpha(f"layer_alpha[{layer}]", value)
         object.__setattr__(self, "layer_alpha", dict(sorted(overrides.items())))
-        for name in ("group_select", "strict"):
+        for name in ("group_select", "mean_correction", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:

@@ -70,9 +70,11 @@ def dense_attention(q, k, v, backend: str):
     return run
 
 
-def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed=0) -> float:
+def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed=0, mean_correction=False) -> float:
     """Max relative error of ``out`` on random query rows against an fp32 recomputation from the
-    same block lists (any length: only the sampled rows are recomputed)."""
+    same block lists (any length: only the sampled rows are recomputed); with ``mean_correction``
+    the row's softmax also holds one stand-in per skipped block before its query block
+    (``Lq == Lk``, unpadded)."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -92,7 +94,16 @@ def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed
         keys = keys[keys <= t]
         kk = k[b, keys, h // group].float()
         vv = v[b, keys, h // group].float()
-        p = torch.softmax(kk @ q[b, i, h].float() * dim**-0.5, dim=0)
+        bias = torch.zeros(len(keys), device=q.device)
+        if mean_correction:
+            skipped = sorted(set(range(t // block_size)) - set(ids.tolist()))
+            if skipped:
+                blocks = torch.tensor(skipped, device=q.device)[:, None] * block_size + torch.arange(
+                    block_size, device=q.device)
+                kk = torch.cat([kk, k[b, blocks, h // group].float().mean(1)])
+                vv = torch.cat([vv, v[b, blocks, h // group].float().mean(1)])
+                bias = torch.cat([bias, torch.full((len(skipped),), math.log(block_size), device=q.device)])
+        p = torch.softmax(kk @ q[b, i, h].float() * dim**-0.5 + bias, dim=0)
         ref = p @ vv
         err = (out[b, i, h].float() - ref).norm() / ref.norm().clamp(min=1e-6)
         worst = max(worst, float(err))
@@ -207,6 +218,7 @@ def run_benchmark(
                                                            group_select=group_select)
                 row[f"full_{tag}_tflops_computed"] = density * flops / ms / 1e9
                 row[f"full_{tag}_speedup_vs_cudnn"] = cudnn_ms / ms
+        _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flops)
         # index building alone (pool + score/select/compact)
         row["index_ms"] = _bench(_build_index, q, k, seq_len, alpha, block_size, rules)
         row["index_graph_ms"] = _bench_graph(_build_index, q, k, seq_len, alpha, block_size, rules)
@@ -239,6 +251,46 @@ def run_benchmark(
         log(format_row(row))
         torch.cuda.empty_cache()
     return results
+
+
+def _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flops) -> None:
+    """``mean_corr_*``: the operator (per-head) with ``mean_correction=True`` on the same inputs, checked
+    on sampled rows before timing, its time and overhead over the uncorrected operator, and both
+    operators' relative L2 error against dense attention."""
+    out, info = flash_prefill(q, k, v, alpha, block_size, **rules, return_info=True, mean_correction=True)
+    err = spot_check(q, k, v, out, info.block_index, info.block_count, block_size, mean_correction=True)
+    ok = err < 2e-2 and not torch.isnan(out).any()
+    row["mean_corr_check"] = {"spot_rel_err": err, "ok": ok}
+    row["mean_corr_err_vs_dense"] = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
+    if not ok:
+        return
+    kwargs = dict(rules, mean_correction=True)
+    row["mean_corr_ms"] = _bench(flash_prefill, q, k, v, alpha, block_size, **kwargs)
+    row["mean_corr_graph_ms"] = _bench_graph(flash_prefill, q, k, v, alpha, block_size, **kwargs)
+    # the uncorrected operator again, interleaved, so that both see the same clocks
+    plain_ms = _bench_graph(flash_prefill, q, k, v, alpha, block_size, **rules)
+    row["mean_corr_plain_graph_ms"] = plain_ms
+    row["mean_corr_overhead_pct"] = 100.0 * (row["mean_corr_graph_ms"] / plain_ms - 1.0)
+
+
+def mean_correction_table(results: dict) -> str:
+    """Markdown: the mean-corrected operator against the uncorrected one (per-head selection)."""
+    lines = [
+        "| L | density | ours ms, graph | + mean correction ms, graph | overhead | rel. L2 err vs dense: "
+        "plain / corrected |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        def g(key, fmt="{:.3f}", r=r):
+            value = r.get(key)
+            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+        lines.append(
+            f"| {r['seq_len'] // KIB}K | {g('full_head_density', '{:.1%}')} | {g('mean_corr_plain_graph_ms')} "
+            f"| {g('mean_corr_graph_ms')} | {g('mean_corr_overhead_pct', '{:+.1f}%')} "
+            f"| {g('full_head_err_vs_dense', '{:.4f}')} / {g('mean_corr_err_vs_dense', '{:.4f}')} |"
+        )
+    return "\n".join(lines)
 
 
 def _build_index(q, k, seq_len, alpha, block_size, rules):
@@ -298,5 +350,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_benchmark(args.lengths, args.heads, args.kv_heads, args.head_dim, args.alpha)
     args.out.write_text(json.dumps(results, indent=1))
     print(markdown_table(results))
+    print()
+    print(mean_correction_table(results))
     print(f"saved {args.out}")
     return 0

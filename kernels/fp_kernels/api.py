@@ -232,7 +232,7 @@ BACKENDS = ("auto", "triton", "reference")
 
 
 def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-         min_budget, scale, group_select, backend):
+         min_budget, scale, group_select, backend, mean_correction=False):
     reason = kernel_backend_reason(q) if backend != "reference" else "backend='reference' was asked for"
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
@@ -241,7 +241,7 @@ def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_block
 
         return flash_prefill_triton(
             q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select,
+            min_budget, scale, group_select, mean_correction,
         )
     log_once(f"flash_prefill: using the PyTorch reference: {reason}")
     from .reference import flash_prefill_reference
@@ -249,6 +249,7 @@ def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_block
     out, info = flash_prefill_reference(
         q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
         kv_start=kv_start, kv_end=kv_end, group_select=group_select, return_info=True,
+        mean_correction=mean_correction,
     )
     return out, info.block_index, info.block_count
 
@@ -269,17 +270,18 @@ def _flash_prefill_op(
     scale: float,
     group_select: bool,
     backend: str,
+    mean_correction: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, index, count = _run(
         q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-        min_budget, scale, group_select, backend,
+        min_budget, scale, group_select, backend, mean_correction,
     )
     return out, index, count
 
 
 @_flash_prefill_op.register_fake
 def _(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-      min_budget, scale, group_select, backend):
+      min_budget, scale, group_select, backend, mean_correction=False):
     batch, q_len, hq, _ = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     hsel = hkv if group_select else hq
@@ -308,6 +310,7 @@ def flash_prefill(
     group_select: bool = False,
     return_info: bool = False,
     backend: str = "auto",
+    mean_correction: bool = False,
 ):
     """Block-sparse causal prefill attention (FlashPrefill).
 
@@ -338,6 +341,19 @@ def flash_prefill(
         return_info: also return a :class:`FlashPrefillInfo` (density, block lists).
         backend: ``"auto"`` (below), ``"triton"`` (raise if the kernels cannot run) or
             ``"reference"`` (always :func:`flash_prefill_reference`).
+        mean_correction: give every skipped key block before the query block one stand-in term
+            in the softmax instead of dropping it (as FlashPrefill v2's optional correction). For a
+            query row of local query block ``i`` (block coordinates as for the selection: from
+            ``kv_start``, queries aligned bottom-right) and every key block ``j < i`` that the row's
+            selection does not list, with ``n_j`` its valid keys (the last valid block counts its
+            true length) and ``kbar_j``/``vbar_j`` its mean key/value, the softmax denominator gains
+            ``n_j exp(scale q . kbar_j)`` and the numerator that times ``vbar_j``. Blocks ``j >= i``
+            (the diagonal band) are never corrected; every row of block ``i`` sees all of a block
+            ``j < i``, so no row gets a mean over its future keys (query rows past ``kv_end`` see
+            every valid block, and all of them are ``< i``). By Jensen each stand-in is a lower bound of the skipped
+            block's mass. With ``alpha=0`` and ``min_budget=0`` nothing is skipped and the output is
+            unchanged. The kernels and the reference apply the same rule; costs one more pooled
+            tensor (mean values) and one stand-in column per skipped block.
 
     Causal alignment is bottom-right when ``Lq < Lk`` (a continued prefill on a cache): query row
     ``i`` sees keys ``0 .. i + Lk - Lq``. For ``Lq = 2``, ``Lk = 5`` (``x`` = attended)::
@@ -359,8 +375,10 @@ def flash_prefill(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dim = q.shape[-1]
     scale = dim**-0.5 if scale is None else float(scale)
+    if not isinstance(mean_correction, bool):
+        raise TypeError(f"mean_correction must be True or False, got {mean_correction!r}")
     args = (q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select, backend)
+            min_budget, scale, group_select, backend, mean_correction)
     # the custom op is what torch.compile/CUDA-graph tracing needs; eager calls skip its dispatch cost
     out, index, count = _flash_prefill_op(*args) if torch.compiler.is_compiling() else _run(*args)
     if not return_info:

@@ -12,7 +12,7 @@ from .sparse_attention import sparse_attention
 
 def flash_prefill_triton(
     q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-    min_budget, scale, group_select,
+    min_budget, scale, group_select, mean_correction=False,
 ):
     """Run the three kernels (each an ordinary ``kernel[grid](...)`` launch); returns
     ``(out, block_index, block_count)``. Inputs are validated."""
@@ -31,10 +31,17 @@ def flash_prefill_triton(
         return (q.new_empty(batch, 0, hq, dim), q.new_zeros(batch, hsel, n_slots, nkb, dtype=torch.int32),
                 q.new_zeros(batch, hsel, n_slots, dtype=torch.int32))
     needs_scores = alpha > 0 or min_budget > 0
-    kbar = pool_keys(k, block_size, kv_start, kv_end) if needs_scores else None
+    # without scores every visible block is listed, so no block is skipped and nothing is corrected
+    mean_correction = mean_correction and needs_scores
+    if mean_correction:  # the mean values in the same pass; kbar (and so the selection) is unchanged
+        means = pool_keys(k, block_size, kv_start, kv_end, v=v)
+    else:
+        means = (pool_keys(k, block_size, kv_start, kv_end),) if needs_scores else ()
+    kbar = means[0] if means else None
     index, count = select_blocks(
         q, kbar, k_len, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget,
         scale, kv_start, kv_end, group_select, num_kv_heads=hkv,
     )
-    out = sparse_attention(q, k, v, index, count, block_size, scale, kv_start, kv_end)
-    return out, index, count
+    out = sparse_attention(q, k, v, index, count, block_size, scale, kv_start, kv_end,
+                           mean_correction=mean_correction, kbar=kbar, vbar=means[-1] if mean_correction else None)
+    return out, index, count, means

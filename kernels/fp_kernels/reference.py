@@ -153,14 +153,22 @@ def sparse_attention_reference(
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
     round_probs: bool = False,
+    mean_correction: bool = False,
 ) -> torch.Tensor:
     """Causal attention restricted to the listed key blocks; fp32 math, output in ``q.dtype``.
 
     ``q [B, Lq, Hq, D]``, ``k``/``v [B, Lk, Hkv, D]``; ``block_index [B, Hsel, S, nkb]`` with the
     first ``block_count [B, Hsel, S]`` entries valid (``Hsel`` is ``Hq`` or ``Hkv``). Query rows that
     see no listed key (and rows before ``kv_start``) are 0. ``round_probs`` rounds the unnormalised
-    probabilities to ``q.dtype`` before ``P @ V``, as the kernels do: the difference to the exact
-    result is the reference's own low-precision error, which test tolerances are scaled by.
+    probabilities to ``q.dtype`` before ``P @ V`` (and the stand-ins' block means, below), as the
+    kernels do: the difference to the exact result is the reference's own low-precision error, which
+    test tolerances are scaled by.
+
+    ``mean_correction``: every key block ``j`` before slot ``s``'s query block ``qb`` (``j <
+    min(qb, n_vis)``) that the head's list skips adds one stand-in column to each row of the slot:
+    key ``kbar_j``, value ``vbar_j`` (fp32 block means of the valid keys/values), logit
+    ``scale * q . kbar_j + log n_j`` with ``n_j`` the block's valid keys (rules in
+    :func:`fp_kernels.flash_prefill`). A row with no listed key but stand-ins gets their mixture.
     """
     batch, q_len, hq, dim = q.shape
     k_len = k.shape[1]
@@ -173,6 +181,11 @@ def sparse_attention_reference(
     off = k_len - q_len
     group = hq // k.shape[2]
     probs_dtype = q.dtype if round_probs else None
+    heads = torch.arange(hq, device=q.device)
+    if mean_correction:
+        kbar, vbar = (pool_keys_reference(x, block_size, start, end) for x in (k, v))
+        if round_probs:
+            kbar, vbar = (x.to(q.dtype).float() for x in (kbar, vbar))
     for b in range(batch):
         o, n = int(start[b]), int(end[b] - start[b])
         for s in range(n_slots):
@@ -186,8 +199,6 @@ def sparse_attention_reference(
             count = block_count[b, :, s].long().repeat_interleave(sel_per_q, 0)
             listed = (torch.arange(ids.shape[-1], device=q.device) < count[:, None]) & (ids >= 0) & (ids < n_vis)
             width = int(listed.sum(-1).max())
-            if width == 0:
-                continue
             order = torch.sort((~listed).to(torch.int8), dim=-1, stable=True).indices[:, :width]
             blocks = torch.gather(ids, 1, order)
             block_ok = torch.gather(listed, 1, order)
@@ -196,17 +207,34 @@ def sparse_attention_reference(
             tokens = torch.where(token_ok, tokens, torch.zeros_like(tokens))  # [Hq, W]
             t = torch.arange(lo, hi, device=q.device) + off - o
             mask = token_ok[:, None, :] & (tokens[:, None, :] <= t[None, :, None])  # [Hq, R, W]
-            heads = torch.arange(hq, device=q.device)
-            k_sel = k[b, o + tokens, (heads // group)[:, None]]  # [Hq, W, D]
-            v_sel = v[b, o + tokens, (heads // group)[:, None]]
-            _attend_rows(out[b, lo:hi], q[b, lo:hi], k_sel, v_sel, mask, scale, probs_dtype)
+            k_sel = k[b, o + tokens, (heads // group)[:, None]].float()  # [Hq, W, D]
+            v_sel = v[b, o + tokens, (heads // group)[:, None]].float()
+            bias = None
+            n_corr = min(int(geo["qb"][b, s]), n_vis)
+            skipped = None
+            if mean_correction and n_corr > 0:
+                is_listed = torch.zeros(hq, ids.shape[-1] + 1, dtype=torch.bool, device=q.device)
+                is_listed.scatter_(1, torch.where(listed, ids, ids.shape[-1]), True)
+                skipped = ~is_listed[:, :n_corr]  # [Hq, n_corr]
+            if skipped is not None and skipped.any():
+                j = torch.arange(n_corr, device=q.device)
+                sizes = (torch.clamp((j + 1) * block_size, max=n) - j * block_size).float()
+                k_sel = torch.cat([k_sel, kbar[b, :n_corr, heads // group].transpose(0, 1)], 1)
+                v_sel = torch.cat([v_sel, vbar[b, :n_corr, heads // group].transpose(0, 1)], 1)
+                mask = torch.cat([mask, skipped[:, None, :].expand(-1, hi - lo, -1)], 2)
+                bias = torch.cat([torch.zeros(hq, tokens.shape[1], device=q.device),
+                                  torch.log(sizes).expand(hq, -1)], 1)  # [Hq, W + n_corr]
+            if mask.shape[-1] == 0:
+                continue
+            _attend_rows(out[b, lo:hi], q[b, lo:hi], k_sel, v_sel, mask, scale, probs_dtype, bias)
     return out.to(q.dtype)
 
 
-def _attend_rows(out, q_rows, k_sel, v_sel, mask, scale, probs_dtype=None):
-    """``out[r, h] = softmax_w(scale q[r,h].k_sel[h,w] | mask[h,r,w]) . v_sel[h]``: ``q_rows [R, Hq, D]``,
-    ``k_sel``/``v_sel [Hq, W, D]`` (each head's gathered keys), ``mask [Hq, R, W]``. Rows with nothing
-    allowed stay 0. With ``probs_dtype`` the unnormalised probabilities are rounded as the kernels do."""
+def _attend_rows(out, q_rows, k_sel, v_sel, mask, scale, probs_dtype=None, bias=None):
+    """``out[r, h] = softmax_w(scale q[r,h].k_sel[h,w] + bias[h,w] | mask[h,r,w]) . v_sel[h]``:
+    ``q_rows [R, Hq, D]``, ``k_sel``/``v_sel [Hq, W, D]`` (each head's gathered keys), ``mask [Hq, R, W]``,
+    ``bias [Hq, W]`` or None (0). Rows with nothing allowed stay 0. With ``probs_dtype`` the unnormalised
+    probabilities are rounded as the kernels do."""
     rows, hq, _ = q_rows.shape
     chunk = max(1, _TILE_ELEMENTS // max(1, rows * k_sel.shape[1]))
     for h0 in range(0, hq, chunk):
@@ -215,10 +243,13 @@ def _attend_rows(out, q_rows, k_sel, v_sel, mask, scale, probs_dtype=None):
         kh, vh, m = k_sel[heads].float(), v_sel[heads].float(), mask[heads]
         if probs_dtype is None:
             # exact fp32 path through the fused kernel; rows with nothing allowed are 0, not NaN
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=scale)
+            attn_mask = m if bias is None else torch.where(m, bias[heads, None, :], -math.inf)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
             out[:, heads] = torch.where(m.any(-1, keepdim=True), o, torch.zeros_like(o)).transpose(0, 1)
             continue
         logits = (qh @ kh.transpose(1, 2)) * scale
+        if bias is not None:
+            logits = logits + bias[heads, None, :]
         logits = logits.masked_fill(~m, -math.inf)
         row_max = logits.amax(-1, keepdim=True)
         # a row with no allowed key keeps a finite pivot so it yields 0 instead of NaN
@@ -246,6 +277,7 @@ def flash_prefill_reference(
     kv_end: torch.Tensor | None = None,
     group_select: bool = False,
     return_info: bool = False,
+    mean_correction: bool = False,
 ):
     """FlashPrefill in pure PyTorch: same signature and meaning as :func:`fp_kernels.flash_prefill`.
 
@@ -273,7 +305,10 @@ def flash_prefill_reference(
         scores, geo["n_vis"], geo["dense"], alpha, sink_blocks, window_blocks, min_budget,
         hq // hkv if group_select else 1,
     )
-    out = sparse_attention_reference(q, k, v, index, count, block_size, scale, start, end)
+    if not isinstance(mean_correction, bool):
+        raise TypeError(f"mean_correction must be True or False, got {mean_correction!r}")
+    out = sparse_attention_reference(q, k, v, index, count, block_size, scale, start, end,
+                                     mean_correction=mean_correction)
     if not return_info:
         return out
     return out, FlashPrefillInfo(

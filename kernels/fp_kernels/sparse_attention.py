@@ -5,6 +5,15 @@ and jumps straight to each one (FlashAttention-2 online softmax, base-2 exponent
 last listed block can straddle the diagonal or the end of the valid keys (lists are ascending and
 every earlier block lies fully below the diagonal), so the main loop runs without masks and the
 last block is done once with them. K/V are indexed per kv head (GQA without repeating K/V).
+
+With ``MEAN_CORRECTION`` the program then walks the complement of its list among the blocks before
+its query block (``j < qb``) in chunks of ``CORR_CHUNK`` block ids, and folds one stand-in score
+column per skipped block into the same online softmax: logit ``scale * q . kbar_j + log n_j``,
+value ``vbar_j`` (``n_j`` the block's valid keys), i.e. ``n_j exp(scale q . kbar_j)`` added to the
+denominator and that times ``vbar_j`` to the numerator. The means are pooled in float32 and rounded
+once to the input dtype (``kbar`` is the one the selection scores with); like ``K``, ``V`` and ``P``
+they enter the dots in that dtype. (Splitting them into two input-dtype halves would double the
+correction's dot work for a rounding the reference's low-precision variant already accounts for.)
 """
 
 from __future__ import annotations
@@ -49,20 +58,61 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
     return acc, m_new, l_i
 
 
+@triton.jit
+def _attend_skipped_means(
+    acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, count, n_corr, n, d, d_ok, scale_log2,
+    BLOCK_SIZE: tl.constexpr, CORR_CHUNK: tl.constexpr,
+):
+    """Fold a stand-in column for every block ``j < n_corr`` missing from the ascending list
+    ``index_base[:count]`` into the online softmax ``(acc, m_i, l_i)``.
+
+    Chunk ``c`` covers ids ``[c0, c0 + CORR_CHUNK)``; the list entries in that range are the (at most
+    ``CORR_CHUNK``) entries from ``pos`` on, where ``pos`` counts the entries below ``c0``, so one
+    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk. The means and the
+    probabilities enter the dots in the input dtype, as ``K``, ``V`` and ``P`` do in the main loop."""
+    cols = tl.arange(0, CORR_CHUNK)
+    pos = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_corr, CORR_CHUNK):
+        j = c0 + cols
+        at = pos + cols
+        listed = tl.load(index_base + at, mask=at < count, other=-1)
+        hits = tl.sum((listed[None, :] == j[:, None]).to(tl.int32), axis=1)
+        pos += tl.sum(((listed >= 0) & (listed < c0 + CORR_CHUNK)).to(tl.int32), axis=0)
+        skipped = (j < n_corr) & (hits == 0)
+        if tl.max(skipped.to(tl.int32), axis=0) > 0:
+            mask = skipped[:, None] & d_ok[None, :]
+            kbar = tl.load(kbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
+            qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
+            size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
+            logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+            # a row with no valid key and no stand-in keeps a finite pivot (0 out, not NaN)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(logit - m_new[:, None])
+            rescale = tl.exp2(m_i - m_new)
+            l_i = l_i * rescale + tl.sum(p, axis=1)
+            vbar = tl.load(vbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
+            m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _sparse_attention_kernel(
-    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END,
+    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
+    stride_mb, stride_mj, stride_mh,
     q_len, k_len, num_q_heads, n_slots, scale_log2,
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -123,6 +173,13 @@ def _sparse_attention_kernel(
             k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
             v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True)
+    if MEAN_CORRECTION:
+        # skipped blocks before the query block (j < qb): every row of the slot sees all of them
+        mean_off = b.to(tl.int64) * stride_mb + hkv * stride_mh
+        acc, m_i, l_i = _attend_skipped_means(
+            acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, count,
+            tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, CORR_CHUNK,
+        )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
     tl.store(o_ptrs + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -132,6 +189,9 @@ def _sparse_attention_kernel(
 def compute_capability_major(device_index: int) -> int:
     """The CUDA device's major compute capability (cached: the query costs ~8 µs of host time)."""
     return torch.cuda.get_device_capability(device_index)[0]
+
+
+_CORR_CHUNK = 32  # skipped block ids per stand-in chunk (columns of the two float32 dots)
 
 
 @functools.cache
@@ -198,6 +258,9 @@ def sparse_attention(
     kv_end: torch.Tensor | None = None,
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    mean_correction: bool = False,
+    kbar: torch.Tensor | None = None,
+    vbar: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over the listed key blocks only (Triton).
 
@@ -209,6 +272,12 @@ def sparse_attention(
     (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) for
     benchmarking. ``out`` (``[B, Lq, Hq, D]``, ``q.dtype``, unit last stride) is written in place
     when given; every element is written.
+
+    ``mean_correction``: also add, for every key block ``j`` before a slot's query block that its
+    list skips, ``n_j exp(scale q . kbar_j)`` to each row's softmax denominator and that times
+    ``vbar_j`` to its numerator (``n_j`` the block's valid keys); see :func:`fp_kernels.flash_prefill`.
+    ``kbar``/``vbar`` (``[B, nkb, Hkv, D]``, from ``pool_keys(k, block_size, kv_start, kv_end, v=v)``,
+    any float dtype: they are rounded to ``q.dtype`` in the kernel) are pooled here when not given.
     """
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
@@ -228,6 +297,21 @@ def sparse_attention(
         out.masked_fill_(unseen[:, :, None, None], 0)
     if n_slots == 0 or q_len == 0:
         return out
+    if mean_correction and (kbar is None or vbar is None):
+        from .pool import pool_keys
+
+        ranges = normalize_ranges(batch, k_len, kv_start, kv_end, q.device) if has_ranges else (None, None)
+        kbar, vbar = pool_keys(k, block_size, *ranges, v=v)
+    if mean_correction and not (kbar.shape == vbar.shape == (batch, block_index.shape[-1], hkv, dim)
+                                and kbar.dtype == vbar.dtype and kbar.dtype.is_floating_point
+                                and kbar.stride() == vbar.stride() and kbar.stride(-1) == 1):
+        raise ValueError(
+            f"kbar and vbar must be [B, nkb, Hkv, D] = {(batch, block_index.shape[-1], hkv, dim)} of one float dtype "
+            f"with the same strides, got {tuple(kbar.shape)} {kbar.dtype} and {tuple(vbar.shape)} {vbar.dtype}; "
+            "pool them with pool_keys(k, block_size, kv_start, kv_end, v=v)"
+        )
+    means = (kbar, vbar) if mean_correction else (block_count, block_count)
+    mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
     from .api import interpreter_enabled
 
     interpret = interpreter_enabled()
@@ -238,22 +322,25 @@ def sparse_attention(
     if use_tma:
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
+    corr_chunk = cfg.pop("CORR_CHUNK", _CORR_CHUNK)
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
         _sparse_attention_kernel[grid](
             q, k, v, out, block_index, block_count,
-            kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
+            kv_start if has_ranges else block_count, kv_end if has_ranges else block_count, *means,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             block_index.stride(0), block_index.stride(1), block_index.stride(2),
             block_count.stride(0), block_count.stride(1),
+            *mean_strides,
             q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
             GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
+            MEAN_CORRECTION=mean_correction, CORR_CHUNK=corr_chunk,
             **cfg,
         )
     return out

@@ -76,7 +76,7 @@ def run(args) -> dict:
     device = args.device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     model, tokenizer = load_smollm2("flashprefill", device=device, dtype=dtype)
-    overrides = {"speed_guard": False, "min_sparse_len": min(args.lengths)}
+    overrides = {"min_sparse_len": min(args.lengths)}
     if args.alpha is not None:
         overrides["alpha"] = args.alpha
     config = fp_patch.configure(model, **overrides)

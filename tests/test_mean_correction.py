@@ -309,23 +309,3 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     assert (corrected - plain).abs().max() > 1e-5
     if DTYPE == torch.float32:  # measured: 4.2e-4 -> 2.1e-4 (bfloat16 on the GPU rounds more than that)
         assert err_corrected < 0.75 * err_plain, (err_plain, err_corrected)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="replays need compiled kernels (the interpreter has none)")
-def test_replayed_calls_with_mean_correction(monkeypatch):
-    """A corrected call's signature gets its own plan (kbar and vbar among its outputs); the replay gives
-    exactly what the usual path gives, and the uncorrected signature is not confused with it."""
-    import fp_kernels.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "_PLANS", {})
-    q, k, v = structured_qkv(1, 2000, 9, 3, 64, dtype=torch.bfloat16, device="cuda", seed=1)
-    flash_prefill(q, k, v, 0.3, mean_correction=True)
-    flash_prefill(q, k, v, 0.3)
-    assert len(pipeline._PLANS) == 2 and None not in pipeline._PLANS.values()
-    q, k, v = structured_qkv(1, 2000, 9, 3, 64, dtype=torch.bfloat16, device="cuda", seed=2)
-    want = pipeline._launch(q, k, v, None, None, 0.3, 128, 2, 4, 2, 0, 0.125, False, True)[0]
-    plain = pipeline._launch(q, k, v, None, None, 0.3, 128, 2, 4, 2, 0, 0.125, False, False)[0]
-    assert not torch.equal(want, plain)
-    torch.testing.assert_close(flash_prefill(q, k, v, 0.3, mean_correction=True), want, atol=0, rtol=0)
-    torch.testing.assert_close(flash_prefill(q, k, v, 0.3), plain, atol=0, rtol=0)

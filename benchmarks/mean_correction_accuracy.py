@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from fp_kernels.benchmark import environment
-from fp_patch.calibration import calibration_prompts
+from fp_tools.benchmark import environment
+from fp_tools.calibration import calibration_prompts
 
 import fp_patch
 from fp_patch.models import load_smollm2

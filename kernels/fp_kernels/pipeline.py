@@ -44,4 +44,4 @@ def flash_prefill_triton(
     )
     out = sparse_attention(q, k, v, index, count, block_size, scale, kv_start, kv_end,
                            mean_correction=mean_correction, kbar=kbar, vbar=means[-1] if mean_correction else None)
-    return out, index, count, means
+    return out, index, count

@@ -28,7 +28,8 @@ def main() -> None:
     fp_patch.configure(model, min_sparse_len=args.length)
     with torch.no_grad(), fp_patch.record_density(model) as rec:
         model(ids, logits_to_keep=1)
-    sparse_layers = sum(1 for row in rec.layer_frame().itertuples() if row.reason in ("", None) or row.reason != row.reason)
+    reasons = rec.layer_frame()["reason"]
+    sparse_layers = int((reasons.isna() | (reasons == "")).sum())
     distinct = set()
     with torch.no_grad():
         for _ in range(args.passes):

@@ -19,25 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-from fp_tools.benchmark import environment
-from fp_tools.calibration import calibration_prompts
 
 import fp_patch
 from fp_patch.models import load_smollm2
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+from fp_tools.benchmark import environment
+from fp_tools.calibration import calibration_prompts
+from fp_tools.provenance import git_commit
 
 
 def logits_of(model, ids) -> torch.Tensor:

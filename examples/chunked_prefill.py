@@ -13,6 +13,7 @@ Run (CPU default: the embedded SmolLM2-135M-Instruct, ~500 tokens: one 256-token
 """
 
 import argparse
+import inspect
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -44,11 +45,15 @@ ids = ids["input_ids"].to(device)
 cut = (ids.shape[1] - 1) // args.chunk * args.chunk  # the last chunk (the rest) is prefilled by generate
 
 
+# Transformers 5.25 renamed forward's past_key_values to cache (the old name warns until 5.40)
+CACHE = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def chunked_cache() -> DynamicCache:
     """The cache after feeding ``ids[:, :cut]`` chunk by chunk."""
     cache = DynamicCache()
     for start in range(0, cut, args.chunk):
-        model(ids[:, start : start + args.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, start : start + args.chunk], use_cache=True, logits_to_keep=1, **{CACHE: cache})
     return cache
 
 
@@ -63,8 +68,8 @@ with torch.inference_mode():
     model.set_attn_implementation("flashprefill")
     fp_patch.configure(model, alpha=0.0)  # keep every block: exact up to float rounding
     cache = chunked_cache()
-    chunked_logits = model(ids[:, cut:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    fp_patch.configure(model, alpha=fp_patch.defaults_for(model.config.model_type).alpha)
+    chunked_logits = model(ids[:, cut:], use_cache=True, logits_to_keep=1, **{CACHE: cache}).logits
+    fp_patch.configure(model, alpha=fp_patch.model_defaults(model.config).alpha)
     one_shot = greedy()
     with fp_patch.record_density(model) as rec:
         chunked = greedy(past_key_values=chunked_cache())

@@ -10,7 +10,7 @@
 """
 
 from .attention import BY_DESIGN, FlashPrefillFallbackError, flashprefill_attention_forward
-from .config import MODEL_DEFAULTS, FlashPrefillConfig, configure, defaults_for, get_config
+from .config import MODEL_DEFAULTS, FlashPrefillConfig, configure, defaults_for, get_config, model_defaults
 from .recording import record_density
 from .registration import ATTN_NAME, INTERNAL_NAME, configured, register, unregister, uses_flashprefill
 
@@ -26,6 +26,7 @@ __all__ = [
     "defaults_for",
     "flashprefill_attention_forward",
     "get_config",
+    "model_defaults",
     "record_density",
     "register",
     "unregister",

@@ -188,14 +188,25 @@ def field_names() -> list[str]:
 # dataclass defaults above. The min_sparse_len values are the generic one until measured on an
 # H200 (benchmarks/crossover.py, `flashprefill calibrate MODEL --speed`).
 MODEL_DEFAULTS: dict[str, dict] = {
-    "llama": {"alpha": 0.18, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen2": {"alpha": 0.08, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen3": {"alpha": 0.12, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen3_moe": {"alpha": 0.12, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen2_5_vl": {"alpha": 0.10, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen3_vl": {"alpha": 0.22, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
-    "qwen3_vl_moe": {"alpha": 0.22, "min_sparse_len": 2048},  # measured: see benchmarks/README.md
+    "llama": {"alpha": 0.18, "min_sparse_len": 8192},
+    "qwen2": {"alpha": 0.08, "min_sparse_len": 4096},
+    "qwen3": {"alpha": 0.12, "min_sparse_len": 8192},
+    "qwen3_moe": {"alpha": 0.12, "min_sparse_len": 8192},
+    "qwen2_5_vl": {"alpha": 0.10, "min_sparse_len": 4096},
+    "qwen3_vl": {"alpha": 0.22, "min_sparse_len": 8192},
+    "qwen3_vl_moe": {"alpha": 0.22, "min_sparse_len": 8192},
 }
+# min_sparse_len: the crossover length, from which sparse prefill beat SDPA at every longer length
+# measured (H200, benchmarks/crossover.py; results in benchmarks/results/crossover_*_h200.*), on
+# random-weight shapes at the densities the paper reports (70 % at 4K falling to 3.5 % at 256K):
+# Llama-3.1-8B 8192, Qwen2.5-7B 4096 (1.00x there), Qwen3-30B-A3B (24 of 48 layers) 8192. Qwen3 and
+# Qwen3-VL take the Llama-8B figure (the same 32/8-head, D=128 attention), Qwen2.5-VL the Qwen2.5-7B one.
+
+# Small models are bound by the host issuing kernels well past those lengths: SmolLM2-135M (hidden
+# size 576, real weights, real selection) crossed over at 16384 tokens. Models of at most this hidden
+# size get at least that min_sparse_len.
+SMALL_MODEL_HIDDEN_SIZE = 1024
+SMALL_MODEL_MIN_SPARSE_LEN = 16384
 
 _unknown_logged: set[str] = set()
 
@@ -208,11 +219,27 @@ def canonical_model_type(model_type: str | None) -> str | None:
     return model_type
 
 
-def defaults_for(model_type: str | None) -> FlashPrefillConfig:
-    """Per-model defaults for ``config.model_type``; unknown types get the generic defaults (logged once)."""
+def defaults_for(model_type: str | None, hidden_size: int | None = None) -> FlashPrefillConfig:
+    """Per-model defaults for ``config.model_type``; unknown types get the generic defaults (logged once).
+    With ``hidden_size`` at most ``SMALL_MODEL_HIDDEN_SIZE``, ``min_sparse_len`` is at least
+    ``SMALL_MODEL_MIN_SPARSE_LEN`` (see :func:`model_defaults`)."""
     key = canonical_model_type(model_type)
-    if key in MODEL_DEFAULTS:
-        return FlashPrefillConfig(**MODEL_DEFAULTS[key])
+    cfg = FlashPrefillConfig(**MODEL_DEFAULTS[key]) if key in MODEL_DEFAULTS else _generic_defaults(model_type)
+    small = hidden_size is not None and hidden_size <= SMALL_MODEL_HIDDEN_SIZE
+    if small and cfg.min_sparse_len < SMALL_MODEL_MIN_SPARSE_LEN:
+        cfg = cfg.replace(min_sparse_len=SMALL_MODEL_MIN_SPARSE_LEN)
+    return cfg
+
+
+def model_defaults(config) -> FlashPrefillConfig:
+    """:func:`defaults_for` a Transformers config: its ``model_type`` and the hidden size of its text
+    decoder (the text config of a VL model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return defaults_for(getattr(config, "model_type", None), getattr(text, "hidden_size", None))
+
+
+def _generic_defaults(model_type: str | None) -> FlashPrefillConfig:
+    key = canonical_model_type(model_type)
     generic = FlashPrefillConfig()
     if key not in _unknown_logged:
         _unknown_logged.add(key)
@@ -255,7 +282,8 @@ def config_for_module(module, *, cache: bool = True) -> FlashPrefillConfig:
     cfg = getattr(module, MODULE_ATTR, None)
     if cfg is not None:
         return cfg
-    cfg = defaults_for(getattr(getattr(module, "config", None), "model_type", None))
+    config = getattr(module, "config", None)
+    cfg = model_defaults(config) if config is not None else defaults_for(None)
     if cache:
         setattr(module, MODULE_ATTR, cfg)
     return cfg

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fp_kernels import flash_prefill
 from fp_kernels.geometry import num_query_slots
 
+from .provenance import git_commit
 from .synthetic import random_block_lists, structured_qkv
 
 KIB = 1024
@@ -40,6 +41,7 @@ def environment() -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
+        "commit": git_commit(),
     }
     try:
         import transformers

@@ -339,7 +339,7 @@ def calibrate(
     if per_layer and accuracy_tolerance is not None:
         logger.warning("calibrate: the accuracy search replaces the per-layer alphas by one alpha for every layer")
     if base is None:
-        base = fp_patch.defaults_for(getattr(model.config, "model_type", None))
+        base = fp_patch.model_defaults(model.config)
     original = getattr(model.config, "_attn_implementation", None)
     started = time.perf_counter()
     meter = DensityMeter(model, calibration_prompts(tokenizer, length, prompts, seed=seed, haystack=haystack),
@@ -529,7 +529,7 @@ def check(args):
 
 
 def run(args) -> int:
-    from fp_patch.config import FlashPrefillConfig, defaults_for
+    from fp_patch.config import FlashPrefillConfig, model_defaults
     from fp_tools.evaluation.cli import load_model
     from fp_tools.evaluation.tasks import build_suite
 
@@ -537,7 +537,7 @@ def run(args) -> int:
     progress = getattr(args, "progress", True)
     model, tokenizer, model_name = load_model(args.model, args.device, args.dtype, progress)
     base = (FlashPrefillConfig.from_json(args.base_config) if args.base_config
-            else defaults_for(getattr(model.config, "model_type", None)))
+            else model_defaults(model.config))
     if args.backend:
         base = base.replace(backend=args.backend)
     if args.speed:

@@ -35,13 +35,12 @@ import argparse
 import gc
 import json
 import logging
-import os
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+
+from .provenance import git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -109,23 +108,6 @@ def build_random(name: str, layers: int | None, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
-
-
-def git_commit() -> str:
-    """The checkout's commit (``FLASHPREFILL_COMMIT`` when set, e.g. on a machine given a copy
-    without ``.git``), with ``+dirty`` for uncommitted changes; ``"unknown"`` when neither tells."""
-    env = os.environ.get("FLASHPREFILL_COMMIT")
-    if env:
-        return env
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 KERNEL_GROUPS = (

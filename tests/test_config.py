@@ -133,3 +133,19 @@ def test_untested_model_type_warns_once_with_the_generic_defaults(caplog, monkey
     generic = FlashPrefillConfig()
     assert "'gpt2' is untested" in record.getMessage()
     assert f"alpha={generic.alpha}, block_size={generic.block_size}" in record.getMessage()
+
+
+def test_small_models_get_the_small_model_min_sparse_len():
+    """Models of at most SMALL_MODEL_HIDDEN_SIZE are host-bound below SMALL_MODEL_MIN_SPARSE_LEN (measured on
+    SmolLM2-135M); larger ones keep their model type's crossover, and a larger explicit value stays."""
+    from transformers import LlamaConfig, Qwen2_5_VLConfig
+
+    from fp_patch.config import SMALL_MODEL_HIDDEN_SIZE, SMALL_MODEL_MIN_SPARSE_LEN, model_defaults
+
+    small = model_defaults(LlamaConfig(hidden_size=SMALL_MODEL_HIDDEN_SIZE, num_attention_heads=8))
+    large = model_defaults(LlamaConfig(hidden_size=4096))
+    assert small.min_sparse_len == SMALL_MODEL_MIN_SPARSE_LEN and small.alpha == MODEL_DEFAULTS["llama"]["alpha"]
+    assert large == defaults_for("llama") and large.min_sparse_len < SMALL_MODEL_MIN_SPARSE_LEN
+    assert defaults_for("llama", hidden_size=SMALL_MODEL_HIDDEN_SIZE + 1) == defaults_for("llama")
+    vl = Qwen2_5_VLConfig(text_config={"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert model_defaults(vl).min_sparse_len == SMALL_MODEL_MIN_SPARSE_LEN

@@ -427,7 +427,7 @@ def test_configured_at_load_time(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flashprefill")
     other = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flashprefill")
     assert fp_patch.get_config(model).alpha == 0.3 and fp_patch.get_config(model).dense_layers == (0,)
-    assert fp_patch.get_config(other) == fp_patch.defaults_for("llama")
+    assert fp_patch.get_config(other) == fp_patch.model_defaults(other.config)
     cfg = fp_patch.FlashPrefillConfig(alpha=0.05, block_size=64)
     with fp_patch.configured(cfg):
         vl = AutoModelForImageTextToText.from_config(tiny_config("qwen3_vl"), attn_implementation="flashprefill")

@@ -19,9 +19,10 @@ from fp_kernels import flash_prefill, flash_prefill_reference, pool_keys_referen
 from fp_kernels.geometry import normalize_ranges
 from fp_kernels.pool import pool_keys
 from fp_kernels.sparse_attention import sparse_attention
-from fp_tools.synthetic import random_block_lists, structured_qkv
 from helpers import assert_close_to_reference, case_id, poison_allocator, short_failure
 from test_kernels import triton_calls  # noqa: F401  (autouse: every flash_prefill call here runs the kernels)
+
+from fp_tools.synthetic import random_block_lists, structured_qkv
 
 DTYPES = kernel_dtypes()
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]

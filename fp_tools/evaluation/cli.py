@@ -28,6 +28,7 @@ from fp_tools.args import (
     model_facts,
     parse_floats,
 )
+from fp_tools.provenance import git_commit
 
 from .runner import RESULTS_FILE, Implementation, check_resumable, evaluate, implementation_record, read_results
 from .tasks import TASKS, build_suite, parse_length
@@ -175,18 +176,6 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, specs: dict[str, di
             )
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit when the package runs from a git checkout (an editable install), else None."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
 # what a user may name with --impl besides flashprefill (Transformers' own implementations)
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -274,7 +263,7 @@ def run(args) -> int:
                      "datasets": datasets.__version__, "python": platform.python_version()},
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else None,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     if previous is not None:  # a resumed run: what the earlier invocations into this folder were
         earlier = previous.pop("earlier_runs", [])

@@ -97,12 +97,21 @@ def resolve_config(model, impl: Implementation, backend: str | None = None):
     implementation): the per-model defaults (or ``config=path.json``) with the spec's options on top."""
     if not impl.is_sparse:
         return None
-    from fp_patch.config import FlashPrefillConfig, defaults_for
+    from fp_patch.config import FlashPrefillConfig, model_defaults
 
     options = impl.spec(backend)["options"]
     path = options.pop("config", None)
-    base = FlashPrefillConfig.from_json(path) if path else defaults_for(getattr(model.config, "model_type", None))
+    base = FlashPrefillConfig.from_json(path) if path else model_defaults(model.config)
     return base.replace(**options)
+
+
+def cache_keyword(model) -> str:
+    """The name under which ``model``'s forward takes and returns the KV cache: ``"cache"`` from
+    Transformers 5.25 (``past_key_values`` still works there, with a FutureWarning, until 5.40),
+    ``"past_key_values"`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def activate(model, impl: Implementation, backend: str | None = None) -> None:
@@ -196,12 +205,13 @@ def generate_case(
         start = time.perf_counter()
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated = [int(token)]
-        cache = out.past_key_values
+        cache_name = cache_keyword(model)
+        cache = getattr(out, cache_name)
         while len(generated) < max_new_tokens and generated[-1] not in eos:
             if done is not None and done(tokenizer.decode(generated, skip_special_tokens=True)):
                 break
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, use_cache=True, **{cache_name: cache})
+            cache = getattr(out, cache_name)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(token))
         _sync(device)

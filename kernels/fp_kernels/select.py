@@ -141,19 +141,21 @@ def _select_blocks_kernel(
             )
             keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha
             if HAS_BUDGET:
-                # the min_budget-th largest score (ties included): walk the distinct values downwards
-                prev = tl.full([], float("inf"), tl.float32)
-                kth = tl.full([], float("-inf"), tl.float32)
-                found = tl.full([], 0, tl.int32)
-                for _ in range(0, min_budget):
-                    below = tl.where(scores < prev, scores, float("-inf"))
-                    cur = tl.max(tl.max(below, axis=1), axis=0)
-                    n_ge = tl.sum(tl.sum((scores >= cur).to(tl.int32), axis=1), axis=0)
-                    hit = (n_ge >= min_budget) & (found == 0)
-                    kth = tl.where(hit, cur, kth)
-                    found = tl.where(hit, 1, found)
-                    prev = cur
-                keep |= scores >= kth
+                # the min_budget-th largest visible score (ties included): the largest t with
+                # count(key >= t) >= min_budget, by bisection over the scores' order-preserving int32
+                # keys (one count per step, 32 steps whatever min_budget is); fewer visible blocks
+                # than min_budget keep them all
+                bits = scores.to(tl.int32, bitcast=True)
+                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+                lo = tl.full([], -2147483648, tl.int64)
+                hi = tl.max(tl.max(tl.where(visible, key, -2147483648), axis=1), axis=0)
+                for _ in range(0, 32):
+                    mid = lo + (hi - lo + 1) // 2
+                    n_ge = tl.sum(tl.sum(((key >= mid) & visible).to(tl.int32), axis=1), axis=0)
+                    ok = n_ge >= min_budget
+                    lo = tl.where(ok, mid, lo)
+                    hi = tl.where(ok, hi, mid - 1)
+                keep |= key >= lo
             keep &= visible
         # compaction: a prefix sum over the flattened row (ids in order) gives each kept id its place;
         # the row holds >= 256 entries so the scan spans every thread (smaller scans hit a Triton

@@ -38,7 +38,7 @@ import logging
 import threading
 from contextlib import contextmanager
 
-from .config import FlashPrefillConfig, configure, defaults_for, is_decoder_attention
+from .config import FlashPrefillConfig, configure, is_decoder_attention, model_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def configured(config: FlashPrefillConfig | None = None, **overrides):
     def post_init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         if uses_flashprefill(self) and any(is_decoder_attention(m) for m in self.modules()):
-            base = config or defaults_for(getattr(self.config, "model_type", None))
+            base = config or model_defaults(self.config)
             configure(self, base, **overrides)
 
     PreTrainedModel.post_init = post_init

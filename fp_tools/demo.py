@@ -220,6 +220,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if "min_sparse_len" in overrides:
+        print(f"(by default this model runs prompts shorter than min_sparse_len={current.min_sparse_len} tokens "
+              "dense, where SDPA is faster; the demo lowers it to show the sparse path)")
     map_layer = n_layers // 2 if args.map_layer is None else args.map_layer
     # timed as users run it: no recorder
     answers.append(ask(model, "flashprefill"))

@@ -433,7 +433,7 @@ def test_configured_at_load_time(tmp_path):
         vl = AutoModelForImageTextToText.from_config(tiny_config("qwen3_vl"), attn_implementation="flashprefill")
     assert fp_patch.get_config(vl) == cfg
     # configure() afterwards applies on top of the current settings
-    assert fp_patch.configure(model, block_size=32) == fp_patch.FlashPrefillConfig(
+    assert fp_patch.configure(model, block_size=32) == fp_patch.model_defaults(model.config).replace(
         alpha=0.3, dense_layers=(0,), block_size=32
     )
     # the same settings again keep their object (a layer's repeated calls key on it), new ones do not
@@ -461,7 +461,9 @@ def test_unknown_model_type_uses_generic_defaults(caplog, spy):
                                         sliding_window=None)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="flashprefill").eval().to(DEVICE, DTYPE)
     with caplog.at_level("INFO", logger="fp_patch.config"):
-        assert fp_patch.get_config(model) == fp_patch.FlashPrefillConfig()
+        # the generic defaults (with the small-model min_sparse_len: this model's hidden size is 128)
+        assert fp_patch.get_config(model) == fp_patch.FlashPrefillConfig().replace(
+            min_sparse_len=fp_patch.model_defaults(model.config).min_sparse_len)
     assert any("mistral" in r.getMessage() for r in caplog.records)
     fp_patch.configure(model, **TEST_SETTINGS)
     forward(model, input_ids=text_ids(64))

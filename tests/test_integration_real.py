@@ -90,7 +90,9 @@ def test_smollm2_needle_4k_same_answer_as_sdpa(monkeypatch):
     dense = answer()
     model.set_attn_implementation("flashprefill")
     # per-model defaults (llama: alpha 0.18, 128-token blocks); the CPU reference operator
-    config = fp_patch.configure(model, backend="reference")
+    # this small model's default min_sparse_len (16384: where sparse prefill starts to pay on a GPU) would
+    # run a 4K prompt dense; the test is about the sparse path's answers
+    config = fp_patch.configure(model, backend="reference", min_sparse_len=2048)
     assert config.alpha == fp_patch.MODEL_DEFAULTS["llama"]["alpha"] and config.block_size == 128
     spy = DensitySpy()
     monkeypatch.setattr(fp_attention, "active_recorder", lambda: spy)

@@ -279,11 +279,11 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     ``--impl flashprefill:mean_correction=true``, and the attention function passes it to the operator;
     on a tiny Llama with local attention the corrected logits are closer to the sdpa model's."""
     import fp_kernels
-    from fp_tools.evaluation.runner import Implementation, resolve_config
     from test_integration import DTYPE, LOCAL, build_pair, forward, model_inputs
 
     import fp_patch
     from fp_patch.config import FlashPrefillConfig
+    from fp_tools.evaluation.runner import Implementation, resolve_config
 
     cfg = FlashPrefillConfig(mean_correction=True)
     assert FlashPrefillConfig.from_json(cfg.to_json()) == cfg and not FlashPrefillConfig().mean_correction

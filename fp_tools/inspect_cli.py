@@ -35,6 +35,10 @@ from fp_tools.args import (
     parse_lengths,
 )
 
+# inspect studies the selection, so it runs sparse from this length unless told otherwise (the per-model
+# defaults, e.g. 8192 for Llama models, are where sparse prefill starts to pay, not where it starts to work)
+INSPECT_MIN_SPARSE_LEN = 1024
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fp_tools.args import HelpFormatter, add_device_arguments
@@ -65,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-sparse-len",
         type=int,
         default=None,
-        help="shorter calls run dense (default 2048); lower it to inspect short prompts",
+        help=f"shorter calls run dense (default here {INSPECT_MIN_SPARSE_LEN}, to see the selection at the lengths "
+             "you ask for; in production the model's default applies, e.g. 8192 for Llama models)",
     )
     parser.add_argument("--dense-layers", default=None, help="comma-separated layers that stay dense")
     parser.add_argument(
@@ -117,7 +122,7 @@ def _settings(facts, args, dense_layers, backend: str):
     for name, value in (
         ("alpha", args.alpha),
         ("block_size", args.block_size),
-        ("min_sparse_len", args.min_sparse_len),
+        ("min_sparse_len", INSPECT_MIN_SPARSE_LEN if args.min_sparse_len is None else args.min_sparse_len),
         ("dense_layers", dense_layers),
     ):
         if value is not None:

@@ -75,7 +75,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # keyword arguments that change the math in ways the sparse operator does not implement
-UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "head_mask")
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "head_mask")
 
 
 class FlashPrefillFallbackError(RuntimeError):
@@ -151,7 +151,7 @@ def route(module, query, key, value, attention_mask, dropout, kwargs, cfg) -> Ro
             "inputs need gradients or dropout: the sparse operator is inference-only (no backward); "
             "run under torch.no_grad() or torch.inference_mode() for the sparse path"
         ))
-    for name in UNSUPPORTED_KWARGS:
+    for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             return Dense("unsupported_argument", f"the sparse operator does not implement {name!r}")
     if kwargs.get("sliding_window", getattr(module, "sliding_window", None)) is not None:

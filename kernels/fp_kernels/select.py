@@ -20,7 +20,7 @@ import triton.language as tl
 from .geometry import num_key_blocks, num_query_slots
 from .pool import LENGTH_ARGS, launch_device, valid_range
 
-_CHUNK = 32  # key blocks scored per dot (H100 sweep: 32 beat 64 and 128, 4 warps beat 8)
+_CHUNK = 32  # key blocks scored per dot (on Hopper 32 is faster than 64 or 128: benchmarks/sweep_tiles.py --index)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 

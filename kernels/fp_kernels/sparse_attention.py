@@ -214,10 +214,8 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
 
 def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
     """Tiles by shape class (head dim, block size, GPU generation), never by sequence length; a
-    fresh dict (cached per device and shape class).
-
-    From the H100 sweeps in benchmarks/results/dev (sweep_tiles.py): D=128 peaks at 128x128 tiles,
-    8 warps, 3 stages (warp specialization +2-3 %, TMA loads +-0 %); D=64 at 128x64, 4 warps.
+    fresh dict (cached per device and shape class): D=128 takes 128x128 tiles, 8 warps, 3 stages;
+    D=64 128x64 tiles, 4 warps (the fastest in ``benchmarks/sweep_tiles.py`` on Hopper).
     """
     index = device.index if device.type == "cuda" and not interpret else None
     if index is None and device.type == "cuda" and not interpret:

@@ -129,6 +129,7 @@ def _settings(facts, args, dense_layers, backend: str):
 
 
 def load_model(path, args, device, dtype):
+    """The model at ``path`` with ``attn_implementation="flashprefill"``, on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     import fp_patch  # noqa: F401  (registers "flashprefill")

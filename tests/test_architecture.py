@@ -12,12 +12,13 @@ tests can fail.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fp_kernels": ROOT / "kernels" / "fp_kernels", "fp_patch": ROOT / "fp_patch", "fp_tools": ROOT / "fp_tools"}
 # scanned for underscore names, besides the packages: code that uses them the way a user would
-USERS = ("benchmarks", "examples", "tests")
+USERS = ("benchmarks", "examples", "tests", "notebooks")
 
 
 def package_modules(packages: dict[str, Path]) -> dict[str, Path]:
@@ -103,7 +104,7 @@ def private_uses(files: list[Path], ours: set[str]) -> list[str]:
 
     found = []
     for path in files:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = ast.parse(source(path))
         aliases = set()  # names bound to modules of ours
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -127,8 +128,17 @@ def private_uses(files: list[Path], ours: set[str]) -> list[str]:
     return found
 
 
+def source(path: Path) -> str:
+    """A Python file's text, or a notebook's code cells (IPython ``%``/``!`` lines left out)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".ipynb":
+        return text
+    cells = ["".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "code"]
+    return "\n".join(line for cell in cells for line in cell.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
 def _python_files(folders) -> list[Path]:
-    return [p for folder in folders for p in sorted(folder.rglob("*.py"))]
+    return [p for folder in folders for pattern in ("*.py", "*.ipynb") for p in sorted(folder.rglob(pattern))]
 
 
 def _our_top_level_names() -> set[str]:

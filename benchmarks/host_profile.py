@@ -23,10 +23,10 @@ import time
 
 import torch
 from fp_kernels import flash_prefill
-from fp_kernels.api import validate_inputs, validate_inputs_once
 from fp_kernels.pool import launch_device, pool_keys
 from fp_kernels.select import select_blocks
 from fp_kernels.sparse_attention import sparse_attention
+from fp_kernels.validation import validate_inputs, validate_inputs_once
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import fp_patch

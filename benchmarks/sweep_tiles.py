@@ -12,7 +12,7 @@ import itertools
 import torch
 from fp_kernels.sparse_attention import sparse_attention
 
-from fp_tools.benchmark import _bench, causal_flops, spot_check
+from fp_tools.benchmark import causal_flops, list_density, median_ms, spot_check
 from fp_tools.synthetic import random_block_lists, structured_qkv
 
 
@@ -24,13 +24,13 @@ def sweep_index(seq_len: int, dim: int, alpha: float = 0.18):
 
     q, k, v = structured_qkv(1, seq_len, 32, 8, dim, dtype=torch.bfloat16, device="cuda")
     kbar = pool_keys(k, 128)
-    pool_ms = _bench(pool_keys, k, 128)
+    pool_ms = median_ms(pool_keys, k, 128)
     print(f"index L={seq_len} D={dim} pool {pool_ms:.4f} ms "
           f"(graph {do_bench_cudagraph(lambda: pool_keys(k, 128)):.4f})", flush=True)
     for chunk, warps in itertools.product((32, 64, 128), (4, 8)):
         cfg = {"CHUNK": chunk, "num_warps": warps}
         try:
-            ms = _bench(select_blocks, q, kbar, seq_len, alpha, 128, config=cfg)
+            ms = median_ms(select_blocks, q, kbar, seq_len, alpha, 128, config=cfg)
             graph = do_bench_cudagraph(lambda cfg=cfg: select_blocks(q, kbar, seq_len, alpha, 128, config=cfg))
             print(f"index L={seq_len} D={dim} select {cfg} {ms:.4f} ms (graph {graph:.4f})", flush=True)
         except Exception as exc:
@@ -53,8 +53,7 @@ def main():
         heads, kv_heads = 32, 8
         q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
         index, count = random_block_lists(1, heads, seq_len, seq_len, 128, args.density, device="cuda")
-        n_slots = count.shape[-1]
-        density = float(count.float().sum() / (heads * n_slots * (n_slots + 1) / 2))
+        density = list_density(count, seq_len, seq_len, 128)
         flops = causal_flops(1, heads, seq_len, seq_len, dim) * density
         space = itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (False, True), (False, True))
         for bm, bn, warps, stages, tma, ws in space:
@@ -69,7 +68,7 @@ def main():
                 if err > 2e-2 or torch.isnan(out).any():
                     print(f"{tag} WRONG err={err:.3g}")
                     continue
-                ms = _bench(sparse_attention, q, k, v, index, count, 128, config=cfg, rep=50)
+                ms = median_ms(sparse_attention, q, k, v, index, count, 128, config=cfg, rep=50)
                 print(f"{tag} {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
             except Exception as exc:  # out of shared memory / registers, or unsupported on this GPU
                 print(f"{tag} failed: {type(exc).__name__}: {str(exc)[:120]}")

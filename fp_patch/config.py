@@ -10,9 +10,9 @@ dataclass defaults), unknown keys are an error. ``layer_alpha`` is an object key
 
     {"alpha": 0.12, "block_size": 128, "dense_layers": [0, 1], "layer_alpha": {"5": 0.2}}
 
-Files written before the runtime speed guard was removed carry a ``"speed_guard"`` key: it is
-ignored, with one logged warning (which calls run sparse is now decided by ``min_sparse_len`` and
-``dense_layers`` alone; :mod:`fp_tools.speed_calibration` measures both for a model and GPU).
+A ``"speed_guard"`` key (written by older versions) is ignored, with one logged warning: which calls
+run sparse is decided by ``min_sparse_len`` and ``dense_layers`` alone (:mod:`fp_tools.speed_calibration`
+measures both for a model and GPU).
 """
 
 from __future__ import annotations
@@ -185,8 +185,7 @@ def field_names() -> list[str]:
 
 # Per-model defaults: the published alphas (official FlashPrefill code) and the prompt length from
 # which sparse prefill is faster than dense SDPA (min_sparse_len); everything else keeps the
-# dataclass defaults above. The min_sparse_len values are the generic one until measured on an
-# H200 (benchmarks/crossover.py, `flashprefill calibrate MODEL --speed`).
+# dataclass defaults above.
 MODEL_DEFAULTS: dict[str, dict] = {
     "llama": {"alpha": 0.18, "min_sparse_len": 8192},
     "qwen2": {"alpha": 0.08, "min_sparse_len": 4096},
@@ -196,15 +195,13 @@ MODEL_DEFAULTS: dict[str, dict] = {
     "qwen3_vl": {"alpha": 0.22, "min_sparse_len": 8192},
     "qwen3_vl_moe": {"alpha": 0.22, "min_sparse_len": 8192},
 }
-# min_sparse_len: the crossover length, from which sparse prefill beat SDPA at every longer length
-# measured (H200, benchmarks/crossover.py; results in benchmarks/results/crossover_*_h200.*), on
-# random-weight shapes at the densities the paper reports (70 % at 4K falling to 3.5 % at 256K):
-# Llama-3.1-8B 8192, Qwen2.5-7B 4096 (1.00x there), Qwen3-30B-A3B (24 of 48 layers) 8192. Qwen3 and
-# Qwen3-VL take the Llama-8B figure (the same 32/8-head, D=128 attention), Qwen2.5-VL the Qwen2.5-7B one.
+# min_sparse_len: the crossover length on an H200 (benchmarks/crossover.py), from which sparse prefill
+# is faster than SDPA at every longer length, at the densities the paper reports (70 % at 4K falling to
+# 3.5 % at 256K). Qwen3 and Qwen3-VL take Llama-3.1-8B's value (the same 32/8-head, D=128 attention),
+# Qwen2.5-VL Qwen2.5-7B's. `flashprefill calibrate --model DIR --speed` finds it for another model or GPU.
 
-# Small models are bound by the host issuing kernels well past those lengths: SmolLM2-135M (hidden
-# size 576, real weights, real selection) crossed over at 16384 tokens. Models of at most this hidden
-# size get at least that min_sparse_len.
+# Small models are bound by the host issuing kernels well past those lengths (SmolLM2-135M, hidden
+# size 576): models of at most this hidden size get at least this min_sparse_len.
 SMALL_MODEL_HIDDEN_SIZE = 1024
 SMALL_MODEL_MIN_SPARSE_LEN = 16384
 

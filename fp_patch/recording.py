@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .names import uses_flashprefill
+
 logger = logging.getLogger(__name__)
 
 _ACTIVE: list = []
@@ -183,8 +185,6 @@ class DensityRecorder:
         not record (torch.compile), instead of leaving an empty or partial recording unexplained."""
         if self._runs == 0:
             return
-        from .registration import uses_flashprefill
-
         silent = not self._sparse and not self._fallbacks and uses_flashprefill(model)
         if self._compiled_run or silent:
             logger.warning(

@@ -39,11 +39,21 @@ import threading
 from contextlib import contextmanager
 
 from .config import FlashPrefillConfig, configure, is_decoder_attention, model_defaults
+from .names import ATTN_NAME, INTERNAL_NAME, uses_flashprefill
 
 logger = logging.getLogger(__name__)
 
-ATTN_NAME = "flashprefill"
-INTERNAL_NAME = "fp_prefill"
+__all__ = [
+    "ATTN_NAME",
+    "INTERNAL_NAME",
+    "configured",
+    "is_registered",
+    "register",
+    "translate_name",
+    "unregister",
+    "uses_flashprefill",
+]
+
 _OUR_NAMES = (ATTN_NAME, INTERNAL_NAME)
 # sub-configs whose modules are encoders: they keep dense SDPA
 _ENCODER_KEY_PARTS = ("vision", "audio", "image", "visual", "encoder")
@@ -158,20 +168,6 @@ def is_registered() -> bool:
 
     name_translated = hasattr(PretrainedConfig.__dict__["_attn_implementation"].fset, _MARK)
     return INTERNAL_NAME in AttentionInterface._global_mapping and name_translated
-
-
-def uses_flashprefill(model_or_config) -> bool:
-    """Whether a model (or config) runs the ``"flashprefill"`` implementation in any of its parts."""
-    configs = []
-    if hasattr(model_or_config, "modules"):
-        configs = [getattr(m, "config", None) for m in model_or_config.modules()]
-    else:
-        stack = [model_or_config]
-        while stack:
-            config = stack.pop()
-            configs.append(config)
-            stack.extend(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))
-    return any(getattr(c, "_attn_implementation", None) == INTERNAL_NAME for c in configs if c is not None)
 
 
 @contextmanager

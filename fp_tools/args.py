@@ -32,9 +32,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is None or isinstance(action, argparse._StoreTrueAction):
+        if "default" in text or action.default is None or _is_flag(action):
             return text
         return super()._get_help_string(action)
+
+
+def _is_flag(action) -> bool:
+    """A ``store_true`` option (takes no value, sets True)."""
+    return action.nargs == 0 and action.const is True and action.default is False
 
 
 def add_device_arguments(parser, device_default: str = "auto") -> None:

@@ -17,7 +17,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from fp_kernels import flash_prefill
-from fp_kernels.geometry import num_query_slots
+from fp_kernels.geometry import block_totals, normalize_ranges, slot_geometry
 
 from .provenance import git_commit
 from .synthetic import random_block_lists, structured_qkv
@@ -30,6 +30,15 @@ def causal_flops(batch: int, heads: int, q_len: int, k_len: int, dim: int) -> fl
     off = k_len - q_len
     pairs = q_len * off + q_len * (q_len + 1) / 2
     return 4.0 * batch * heads * dim * pairs
+
+
+def list_density(count: torch.Tensor, q_len: int, k_len: int, block_size: int) -> float:
+    """Share of the causally visible blocks that compact block lists ``count [B, H, S]`` (unpadded rows)
+    compute, over all rows and heads: the operator's ``info.density`` rule (:mod:`fp_kernels.geometry`)."""
+    start, end = normalize_ranges(count.shape[0], k_len, None, None, count.device)
+    geo = slot_geometry(q_len, k_len, block_size, start, end, count.shape[-1], 0)
+    computed, visible = block_totals(count, geo, count.shape[1])
+    return float(computed.sum() / visible.sum())
 
 
 def environment() -> dict:
@@ -142,7 +151,7 @@ def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, l
     return bad / max(total, 1)
 
 
-def _bench(fn, *args, warmup=25, rep=100, **kwargs) -> float:
+def median_ms(fn, *args, warmup=25, rep=100, **kwargs) -> float:
     """Median milliseconds of ``fn(*args, **kwargs)`` launched back to back (``triton.testing.do_bench``):
     includes host launch overhead wherever it exceeds the GPU time."""
     from functools import partial
@@ -152,7 +161,7 @@ def _bench(fn, *args, warmup=25, rep=100, **kwargs) -> float:
     return float(do_bench(partial(fn, *args, **kwargs), warmup=warmup, rep=rep, return_mode="median"))
 
 
-def _bench_graph(fn, *args, **kwargs) -> float:
+def median_graph_ms(fn, *args, **kwargs) -> float:
     """Median milliseconds of ``fn`` replayed from a CUDA graph: GPU time, no host launch overhead."""
     from functools import partial
 
@@ -193,7 +202,7 @@ def run_benchmark(
             try:
                 fn = dense_attention(q, k, v, backend)
                 dense[backend] = fn()
-                ms = _bench(fn)
+                ms = median_ms(fn)
                 row[f"sdpa_{backend}_ms"] = ms
                 row[f"sdpa_{backend}_tflops"] = flops / ms / 1e9
             except RuntimeError as exc:  # a backend may not support this shape/GPU
@@ -214,16 +223,16 @@ def run_benchmark(
             row[f"full_{tag}_err_vs_dense"] = err_dense
             row[f"full_{tag}_check"] = {"spot_rel_err": err_exec, "selection_mismatch": sel_bad, "ok": ok}
             if ok:
-                ms = _bench(flash_prefill, q, k, v, alpha, block_size, **rules, group_select=group_select)
+                ms = median_ms(flash_prefill, q, k, v, alpha, block_size, **rules, group_select=group_select)
                 row[f"full_{tag}_ms"] = ms
-                row[f"full_{tag}_graph_ms"] = _bench_graph(flash_prefill, q, k, v, alpha, block_size, **rules,
+                row[f"full_{tag}_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **rules,
                                                            group_select=group_select)
                 row[f"full_{tag}_tflops_computed"] = density * flops / ms / 1e9
                 row[f"full_{tag}_speedup_vs_cudnn"] = cudnn_ms / ms
         _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flops)
         # index building alone (pool + score/select/compact)
-        row["index_ms"] = _bench(_build_index, q, k, seq_len, alpha, block_size, rules)
-        row["index_graph_ms"] = _bench_graph(_build_index, q, k, seq_len, alpha, block_size, rules)
+        row["index_ms"] = median_ms(_build_index, q, k, seq_len, alpha, block_size, rules)
+        row["index_graph_ms"] = median_graph_ms(_build_index, q, k, seq_len, alpha, block_size, rules)
         row["index_graph_pct_of_cudnn"] = 100.0 * row["index_graph_ms"] / cudnn_ms
         row["full_head_graph_speedup_vs_cudnn"] = cudnn_ms / row.get("full_head_graph_ms", math.inf)
         row["index_pct_of_cudnn"] = 100.0 * row["index_ms"] / cudnn_ms
@@ -232,9 +241,7 @@ def run_benchmark(
         for target in (1.0, *densities):
             index, count = random_block_lists(1, heads, seq_len, seq_len, block_size, target,
                                               device="cuda", seed=seq_len)
-            n_slots = num_query_slots(seq_len, seq_len, block_size, False)
-            n_vis = torch.arange(1, n_slots + 1, device="cuda").clamp(max=n_slots)
-            density = float(count.float().sum() / (n_vis.sum() * heads))
+            density = list_density(count, seq_len, seq_len, block_size)
             out = sparse_attention(q, k, v, index, count, block_size)
             if target == 1.0:  # every block listed must equal dense attention
                 out_dense_lists = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
@@ -244,7 +251,7 @@ def run_benchmark(
             key = f"sparse_{round(target * 100)}pct"
             row[f"{key}_density"] = density
             if err < 2e-2 and not torch.isnan(out).any():
-                ms = _bench(sparse_attention, q, k, v, index, count, block_size)
+                ms = median_ms(sparse_attention, q, k, v, index, count, block_size)
                 row[f"{key}_ms"] = ms
                 row[f"{key}_tflops_computed"] = density * flops / ms / 1e9
             else:
@@ -267,10 +274,10 @@ def _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flop
     if not ok:
         return
     kwargs = dict(rules, mean_correction=True)
-    row["mean_corr_ms"] = _bench(flash_prefill, q, k, v, alpha, block_size, **kwargs)
-    row["mean_corr_graph_ms"] = _bench_graph(flash_prefill, q, k, v, alpha, block_size, **kwargs)
+    row["mean_corr_ms"] = median_ms(flash_prefill, q, k, v, alpha, block_size, **kwargs)
+    row["mean_corr_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **kwargs)
     # the uncorrected operator again, interleaved, so that both see the same clocks
-    plain_ms = _bench_graph(flash_prefill, q, k, v, alpha, block_size, **rules)
+    plain_ms = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **rules)
     row["mean_corr_plain_graph_ms"] = plain_ms
     row["mean_corr_overhead_pct"] = 100.0 * (row["mean_corr_graph_ms"] / plain_ms - 1.0)
 

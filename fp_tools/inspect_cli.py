@@ -133,7 +133,8 @@ def _settings(facts, args, dense_layers, backend: str):
         raise UsageError(str(err)) from None
 
 
-def _load(path, args, device, dtype):
+def load_model(path, args, device, dtype):
+    """The model at ``path`` with ``attn_implementation="flashprefill"``, on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     import fp_patch  # noqa: F401  (registers "flashprefill")
@@ -196,7 +197,7 @@ def run(args) -> int:
     if not lengths:
         raise UsageError(f"every length is below min_sparse_len {cfg.min_sparse_len}, where prefill runs dense by "
                          "design; give longer --lengths or a lower --min-sparse-len")
-    model = _load(path, args, device, dtype)
+    model = load_model(path, args, device, dtype)
     fp_patch.configure(model, cfg)
     n_layers = model.config.get_text_config().num_hidden_layers
     if args.block_maps is None:

@@ -331,7 +331,7 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
             f"{impl}: ten lengths {lengths}: {totals['ten_lengths'] * 1e3:.0f} ms vs ten x {center}: "
             f"{totals['one_length'] * 1e3:.0f} ms (ratio {entry['ratio']:.3f})"
         )
-    # the flashprefill series at the top level, as before
+    # the flashprefill series also at the top level
     result.update({k: result["flashprefill"][k] for k in ("one_length", "ten_lengths", "ratio")})
     return result
 

@@ -107,7 +107,7 @@ def test_inputs_the_kernels_cannot_take_go_to_the_reference_with_a_note(caplog):
     with caplog.at_level(logging.INFO, logger="fp_kernels.api"):
         import fp_kernels.api as api
 
-        api._logged.clear()
+        api.log_once.cache_clear()
         out = flash_prefill(q, k, v, alpha=0.3, block_size=16)
         flash_prefill(q, k, v, alpha=0.3, block_size=16)
     notes = [r for r in caplog.records if "using the PyTorch reference" in r.getMessage()]

@@ -79,7 +79,7 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(fp_patch.models, "load_smollm2", fail)
     monkeypatch.setattr(fp_patch.models, "smollm2_path", fail)
     monkeypatch.setattr(eval_cli, "load_model", fail)
-    monkeypatch.setattr(inspect_cli, "_load", fail)
+    monkeypatch.setattr(inspect_cli, "load_model", fail)
 
 
 MISTAKES = [

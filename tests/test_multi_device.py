@@ -27,7 +27,7 @@ from test_integration import make_attention_local, padded_batch, positions, text
 from transformers import AutoModelForCausalLM
 
 import fp_patch
-from fp_patch import attention as fp_attention
+from fp_patch import masks as fp_masks
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module  # noqa: E402
@@ -110,14 +110,14 @@ class CopyInputsHook(ModelHook):
 
 def count_mask_analyses(monkeypatch) -> list:
     calls = []
-    analyse = fp_attention._analyse_mask
+    analyse = fp_masks.analyse_mask
 
     def counting(*args, **kwargs):
         calls.append(1)
         return analyse(*args, **kwargs)
 
-    monkeypatch.setattr(fp_attention, "_analyse_mask", counting)
-    monkeypatch.setattr(fp_attention, "_mask_cache", [None])
+    monkeypatch.setattr(fp_masks, "analyse_mask", counting)
+    fp_masks.clear_cache()
     return calls
 
 

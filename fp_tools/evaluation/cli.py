@@ -1,7 +1,6 @@
 """``flashprefill eval``: the long-context suite, dense vs FlashPrefill, with resume.
 
-Example (the published CPU run, written to benchmarks/results/eval_smollm2_cpu/; see the README
-section "Accuracy and calibration")::
+Example::
 
     flashprefill eval --model smollm2 --lengths 1K,2K,4K,8K --depths 0.1,0.5,0.9 \\
         --impl sdpa --impl flashprefill:config=calibrated.json,label=calibrated --impl flashprefill \\

@@ -32,7 +32,7 @@ _NO_SWITCH = contextlib.nullcontext()
 
 
 @triton.jit
-def _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES: tl.constexpr):
+def valid_range(KV_START, KV_END, b, k_len, HAS_RANGES: tl.constexpr):
     """``[start, end)`` of batch row ``b``, clamped to ``0 <= start <= end <= k_len``."""
     if HAS_RANGES:
         start = tl.minimum(tl.maximum(tl.load(KV_START + b), 0), k_len)
@@ -57,7 +57,7 @@ def _pool_keys_kernel(
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
-    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
     lo = start + j * BLOCK_SIZE
     hi = tl.minimum(lo + BLOCK_SIZE, end)
     d = tl.arange(0, BLOCK_D)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
 from .info import FlashPrefillInfo
+from .validation import validate_inputs
 
 # elements of the (heads x rows x keys) fp32 score tile computed at once (64 MiB)
 _TILE_ELEMENTS = 1 << 24
@@ -283,8 +284,6 @@ def flash_prefill_reference(
 
     Inputs are validated the same way; any float dtype and any device are accepted.
     """
-    from .api import validate_inputs
-
     validate_inputs(
         q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
         kv_start, kv_end, for_kernel=False,

@@ -18,14 +18,14 @@ import triton
 import triton.language as tl
 
 from .geometry import num_key_blocks, num_query_slots
-from .pool import LENGTH_ARGS, _valid_range, launch_device
+from .pool import LENGTH_ARGS, launch_device, valid_range
 
-_CHUNK = 32  # key blocks scored per dot (H100 sweep: 32 beat 64 and 128, 4 warps beat 8)
+_CHUNK = 32  # key blocks scored per dot (on Hopper 32 is faster than 64 or 128: benchmarks/sweep_tiles.py --index)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 
 @triton.jit
-def _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
+def slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
     """Local query block, row range ``[t_lo, t_hi)`` (local positions) and visible blocks of slot ``s``."""
     n = end - start
     nkb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -107,8 +107,8 @@ def _select_blocks_kernel(
     bh = tl.program_id(1)
     b = bh // num_sel_heads
     hsel = bh % num_sel_heads
-    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
-    qb, t_lo, t_hi, n_vis, nkb, valid = _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
+    start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
     n_vis = tl.where(valid, n_vis, 0)
     index_base = INDEX + b.to(tl.int64) * stride_ib + hsel * stride_ih + s * stride_is
     count_ptr = COUNT + b * stride_cb + hsel * stride_ch + s

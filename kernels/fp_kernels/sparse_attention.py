@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import interpreter_enabled
 from .geometry import normalize_ranges
-from .pool import LENGTH_ARGS, _valid_range, launch_device
-from .select import _slot_rows
+from .pool import LENGTH_ARGS, launch_device, valid_range
+from .select import slot_rows
 
 
 @triton.jit
@@ -126,8 +127,8 @@ def _sparse_attention_kernel(
         hsel = hkv
     else:
         hsel = h
-    start, end = _valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
-    qb, t_lo, t_hi, n_vis, nkb, valid = _slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
+    start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+    qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE)
     t = qb * BLOCK_SIZE + (pid % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_hi = tl.where(valid, t_hi, t_lo)  # (a 0-d bool does not broadcast into masks in the interpreter)
     row_ok = (t >= t_lo) & (t < t_hi)
@@ -213,10 +214,8 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
 
 def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
     """Tiles by shape class (head dim, block size, GPU generation), never by sequence length; a
-    fresh dict (cached per device and shape class).
-
-    From the H100 sweeps in benchmarks/results/dev (sweep_tiles.py): D=128 peaks at 128x128 tiles,
-    8 warps, 3 stages (warp specialization +2-3 %, TMA loads +-0 %); D=64 at 128x64, 4 warps.
+    fresh dict (cached per device and shape class): D=128 takes 128x128 tiles, 8 warps, 3 stages;
+    D=64 128x64 tiles, 4 warps (the fastest in ``benchmarks/sweep_tiles.py`` on Hopper).
     """
     index = device.index if device.type == "cuda" and not interpret else None
     if index is None and device.type == "cuda" and not interpret:
@@ -312,8 +311,6 @@ def sparse_attention(
         )
     means = (kbar, vbar) if mean_correction else (block_count, block_count)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
-    from .api import interpreter_enabled
-
     interpret = interpreter_enabled()
     cfg = _tile_config(block_size, dim, q.device, interpret)
     cfg.update(config or {})

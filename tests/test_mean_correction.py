@@ -15,7 +15,13 @@ import math
 import pytest
 import torch
 from conftest import ON_GPU, kernel_dtypes
-from fp_kernels import flash_prefill, flash_prefill_reference, pool_keys_reference, sparse_attention_reference
+from fp_kernels import (
+    BlockRules,
+    flash_prefill,
+    flash_prefill_reference,
+    pool_keys_reference,
+    sparse_attention_reference,
+)
 from fp_kernels.geometry import normalize_ranges
 from fp_kernels.pool import pool_keys
 from fp_kernels.sparse_attention import sparse_attention
@@ -245,7 +251,9 @@ def test_custom_op_fake_matches_real_with_mean_correction():
     q, k, v, *_ = make_case((1, 96, 96, 2, 1, 64, 32, 0.0, (0, 0, 0), None, ()), DTYPES[0], device)
     with short_failure():
         torch.library.opcheck(
-            _flash_prefill_op, (q, k, v, None, None, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto", True),
+            _flash_prefill_op, (q, k, v, None, None, 0.125, "auto", *BlockRules(
+                alpha=0.3, block_size=32, sink_blocks=1, window_blocks=1, last_dense_blocks=1,
+                mean_correction=True).as_scalars()),
             test_utils=("test_schema", "test_faketensor"),
         )
 

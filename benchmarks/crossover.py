@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             tokens = int(inputs["input_ids"].shape[1])
             target = None if tokenizer is not None else curve_density(tokens)
             settings = base if target is None else base.replace(alpha=1.0, min_budget=budget_for_density(
-                tokens, target, base.block_size, base.sink_blocks, base.window_blocks, base.last_dense_blocks))
+                tokens, target, base))
             row = measure(model, name, inputs, settings, args.repeats)
             row["target_density"] = target
             results["rows"].append(row)

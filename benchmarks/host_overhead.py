@@ -92,7 +92,8 @@ def measure(name: str, length: int, calls: int, device: str = "cuda") -> list[di
     sparse_layer = attention_module(hq, hkv, dim, min_sparse_len=2)
     dense_layer = attention_module(hq, hkv, dim, min_sparse_len=1 << 30)
     kbar = pool_keys(k, 128)
-    index, count = select_blocks(q, kbar, length, 0.18, 128, 2, 4, 2, 0, None, num_kv_heads=hkv)
+    rules = fp_kernels.BlockRules(alpha=0.18)
+    index, count = select_blocks(q, kbar, length, rules, num_kv_heads=hkv)
     density = fp_kernels.flash_prefill(q, k, v, 0.18, return_info=True)[1].density.mean().item()
     cases = {
         "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(
@@ -107,7 +108,7 @@ def measure(name: str, length: int, calls: int, device: str = "cuda") -> list[di
         "flashprefill attention, sparse": lambda: flashprefill_attention_forward(sparse_layer, query, key, value, None),
         "fp_kernels.flash_prefill": lambda: fp_kernels.flash_prefill(q, k, v, 0.18),
         "pool_keys": lambda: pool_keys(k, 128),
-        "select_blocks": lambda: select_blocks(q, kbar, length, 0.18, 128, 2, 4, 2, 0, None, num_kv_heads=hkv),
+        "select_blocks": lambda: select_blocks(q, kbar, length, rules, num_kv_heads=hkv),
         "sparse_attention": lambda: sparse_attention(q, k, v, index, count, 128),
     }
     rows = []

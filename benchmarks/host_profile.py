@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from fp_kernels import flash_prefill
+from fp_kernels import BlockRules, flash_prefill
 from fp_kernels.pool import launch_device, pool_keys
 from fp_kernels.select import select_blocks
 from fp_kernels.sparse_attention import sparse_attention
@@ -33,7 +33,7 @@ import fp_patch
 from fp_patch.attention import flashprefill_attention_forward
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
-SETTINGS = dict(alpha=0.18, block_size=128, sink_blocks=2, window_blocks=4, last_dense_blocks=2, min_budget=0)
+RULES = BlockRules(alpha=0.18, block_size=128, sink_blocks=2, window_blocks=4, last_dense_blocks=2, min_budget=0)
 
 
 def host_us(fn, n: int = 300) -> float:
@@ -78,8 +78,8 @@ def main() -> int:
           f"(density {rec.density():.1%})")
 
     kbar = pool_keys(k, 128)
-    index, count = select_blocks(q, kbar, length, 0.18, 128, 2, 4, 2, 0, scale, num_kv_heads=hkv)
-    args = (q, k, v, 0.18, 128, 2, 4, 2, 0, scale, None, None)
+    index, count = select_blocks(q, kbar, length, RULES, scale, num_kv_heads=hkv)
+    args = (q, k, v, scale, None, None)
 
     def switch_device():
         with launch_device(q):
@@ -88,12 +88,12 @@ def main() -> int:
     rows = [
         ("flashprefill_attention_forward, sparse route (eager)",
          host_us(lambda: flashprefill_attention_forward(layer, query, key, value, None))),
-        ("fp_kernels.flash_prefill (3 launches)", host_us(lambda: flash_prefill(q, k, v, **SETTINGS, scale=scale))),
+        ("fp_kernels.flash_prefill (3 launches)", host_us(lambda: flash_prefill(q, k, v, scale=scale, rules=RULES))),
         ("validate_inputs (full check)", host_us(lambda: validate_inputs(*args, for_kernel=True))),
         ("validate_inputs_once (seen signature)", host_us(lambda: validate_inputs_once(*args, for_kernel=True))),
         ("pool_keys (wrapper + launch)", host_us(lambda: pool_keys(k, 128))),
         ("select_blocks (wrapper + launch)",
-         host_us(lambda: select_blocks(q, kbar, length, 0.18, 128, 2, 4, 2, 0, scale, num_kv_heads=hkv))),
+         host_us(lambda: select_blocks(q, kbar, length, RULES, scale, num_kv_heads=hkv))),
         ("sparse_attention (wrapper + launch)", host_us(lambda: sparse_attention(q, k, v, index, count, 128, scale))),
         (f"torch.empty(1, {length}, {hq}, {dim})",
          host_us(lambda: torch.empty(1, length, hq, dim, dtype=torch.bfloat16, device=dev))),

@@ -18,20 +18,22 @@ from fp_tools.synthetic import random_block_lists, structured_qkv
 
 def sweep_index(seq_len: int, dim: int, alpha: float = 0.18):
     """Pool and select timings (plain and CUDA-graph) for the index-building stage."""
+    from fp_kernels import BlockRules
     from fp_kernels.pool import pool_keys
     from fp_kernels.select import select_blocks
     from triton.testing import do_bench_cudagraph
 
     q, k, v = structured_qkv(1, seq_len, 32, 8, dim, dtype=torch.bfloat16, device="cuda")
     kbar = pool_keys(k, 128)
+    rules = BlockRules(alpha=alpha, block_size=128)
     pool_ms = median_ms(pool_keys, k, 128)
     print(f"index L={seq_len} D={dim} pool {pool_ms:.4f} ms "
           f"(graph {do_bench_cudagraph(lambda: pool_keys(k, 128)):.4f})", flush=True)
     for chunk, warps in itertools.product((32, 64, 128), (4, 8)):
         cfg = {"CHUNK": chunk, "num_warps": warps}
         try:
-            ms = median_ms(select_blocks, q, kbar, seq_len, alpha, 128, config=cfg)
-            graph = do_bench_cudagraph(lambda cfg=cfg: select_blocks(q, kbar, seq_len, alpha, 128, config=cfg))
+            ms = median_ms(select_blocks, q, kbar, seq_len, rules, config=cfg)
+            graph = do_bench_cudagraph(lambda cfg=cfg: select_blocks(q, kbar, seq_len, rules, config=cfg))
             print(f"index L={seq_len} D={dim} select {cfg} {ms:.4f} ms (graph {graph:.4f})", flush=True)
         except Exception as exc:
             print(f"index L={seq_len} D={dim} select {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")

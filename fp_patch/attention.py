@@ -111,14 +111,14 @@ def flashprefill_attention_forward(
                                       **kwargs)
 
     layer_idx = getattr(module, "layer_idx", None)
-    alpha = cfg.alpha_for(layer_idx)
+    rules = cfg.rules_for(layer_idx)
     rec = None if compiling else active_recorder()
     if rec is None:
-        return _sparse(query, key, value, where, cfg, alpha, scaling), None
+        return _sparse(query, key, value, where, cfg, rules, scaling), None
 
     # recording: the same operator call, asked for its block lists too
     want_info = rec.wants_info
-    result = _sparse(query, key, value, where, cfg, alpha, scaling, want_info)
+    result = _sparse(query, key, value, where, cfg, rules, scaling, want_info)
     out, info = result if want_info else (result, None)
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
 
@@ -250,7 +250,7 @@ def _sdpa_packed(query, key, value, cu_q, cu_k, causal: bool, dropout: float, sc
 # -- sparse calls: the operator ------------------------------------------------------------------
 
 
-def _sparse(query, key, value, where: Sparse, cfg, alpha: float, scaling, want_info: bool = False):
+def _sparse(query, key, value, where: Sparse, cfg, rules: fp_kernels.BlockRules, scaling, want_info: bool = False):
     """The FlashPrefill operator on Transformers' ``[B, H, L, D]`` tensors (viewed as ``[B, L, H, D]``);
     ``(out, info)`` with ``want_info``, else ``out``."""
     k_eff = where.k_len
@@ -259,7 +259,6 @@ def _sparse(query, key, value, where: Sparse, cfg, alpha: float, scaling, want_i
     v = value.transpose(1, 2)[:, :k_eff]
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
     return fp_kernels.flash_prefill(  # looked up per call: tests and tools may wrap it
-        q, k, v, alpha, cfg.block_size, cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
-        cfg.min_budget, scale, kv_start=where.kv_start, kv_end=where.kv_end, group_select=cfg.group_select,
-        return_info=want_info, backend=cfg.backend, mean_correction=cfg.mean_correction,
+        q, k, v, scale=scale, kv_start=where.kv_start, kv_end=where.kv_end, rules=rules, return_info=want_info,
+        backend=cfg.backend,
     )

@@ -19,17 +19,17 @@ and print the density they got.
 
 from __future__ import annotations
 
+from fp_kernels.rules import BlockRules
 
-def expected_density(
-    q_len: int,
-    min_budget: int,
-    block_size: int = 128,
-    sink_blocks: int = 2,
-    window_blocks: int = 4,
-    last_dense_blocks: int = 2,
-) -> float:
+
+def expected_density(q_len: int, min_budget: int, rules: BlockRules | None = None) -> float:
     """Expected block density of a causal prefill of ``q_len`` tokens with ``alpha=1.0`` and
-    ``min_budget`` (the model in the module docstring); 1.0 for a prompt of one block or none."""
+    ``min_budget`` (the model in the module docstring); 1.0 for a prompt of one block or none.
+    ``rules`` (default :class:`fp_kernels.BlockRules`) gives the block size and the always-kept blocks;
+    its ``alpha`` and ``min_budget`` are not read (a ``FlashPrefillConfig`` works too)."""
+    rules = BlockRules() if rules is None else rules
+    block_size, sink_blocks, window_blocks, last_dense_blocks = (
+        rules.block_size, rules.sink_blocks, rules.window_blocks, rules.last_dense_blocks)
     n_blocks = -(-q_len // block_size)
     if n_blocks <= 1:
         return 1.0
@@ -49,34 +49,28 @@ def expected_density(
     return kept / visible
 
 
-def budget_for_density(
-    q_len: int,
-    density: float,
-    block_size: int = 128,
-    sink_blocks: int = 2,
-    window_blocks: int = 4,
-    last_dense_blocks: int = 2,
-) -> int:
-    """The ``min_budget`` whose :func:`expected_density` (with ``alpha=1.0``) is nearest ``density``.
+def budget_for_density(q_len: int, density: float, rules: BlockRules | None = None) -> int:
+    """The ``min_budget`` whose :func:`expected_density` (with ``alpha=1.0``) is nearest ``density``, for
+    the block size and always-kept blocks of ``rules`` (default :class:`fp_kernels.BlockRules`).
 
     A target below what the always-kept blocks alone give returns 0 (the best block only); a target
     of 1.0 returns the number of key blocks (every visible block)::
 
-        cfg = cfg.replace(alpha=1.0, min_budget=budget_for_density(32768, 0.2))
+        cfg = cfg.replace(alpha=1.0, min_budget=budget_for_density(32768, 0.2, cfg))
     """
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
     if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
         raise ValueError(f"q_len must be a positive integer (prompt tokens), got {q_len!r}")
-    rules = (block_size, sink_blocks, window_blocks, last_dense_blocks)
-    lo, hi = 0, -(-q_len // block_size)  # expected_density grows with the budget: bisect on it
+    rules = BlockRules() if rules is None else rules
+    lo, hi = 0, -(-q_len // rules.block_size)  # expected_density grows with the budget: bisect on it
     while lo < hi:
         mid = (lo + hi) // 2
-        if expected_density(q_len, mid, *rules) < density:
+        if expected_density(q_len, mid, rules) < density:
             lo = mid + 1
         else:
             hi = mid
     # lo: the smallest budget reaching the target; lo - 1 may be nearer
-    if lo > 0 and density - expected_density(q_len, lo - 1, *rules) < expected_density(q_len, lo, *rules) - density:
+    if lo > 0 and density - expected_density(q_len, lo - 1, rules) < expected_density(q_len, lo, rules) - density:
         return lo - 1
     return lo

@@ -2,6 +2,8 @@
 
 ``FlashPrefillConfig`` holds every knob of the sparse prefill with one spelling each; it is
 validated when built, so a bad value fails where it is written, not deep inside a forward pass.
+Its block rules are :class:`fp_kernels.BlockRules`' fields (it extends that class), so a rule added
+there is a setting here, in ``configure`` and in the JSON files with no change to this module.
 ``MODEL_DEFAULTS`` maps ``config.model_type`` to the published per-model settings.
 
 JSON format (what :meth:`FlashPrefillConfig.to_json` writes and :meth:`FlashPrefillConfig.from_json`
@@ -20,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fp_kernels.rules import BlockRules, check_count, check_flag, check_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -32,32 +35,18 @@ RETIRED_KEY = "speed_guard"  # a field of older versions; from_dict ignores it (
 _retired_logged: list = []
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_alpha(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1] (0 = dense, larger = sparser), got {value!r}")
-    if math.isnan(float(value)):
-        raise ValueError(f"{name} must be a number in [0, 1], got NaN")
-    return float(value)
-
-
 @dataclass(frozen=True)
-class FlashPrefillConfig:
+class FlashPrefillConfig(BlockRules):
     """Settings of the ``"flashprefill"`` attention implementation.
 
+    The block rules are :class:`fp_kernels.BlockRules`' fields, inherited with their defaults and
+    their checks (``alpha``, ``block_size``, ``sink_blocks``, ``window_blocks``, ``last_dense_blocks``,
+    ``min_budget``, ``group_select``, ``mean_correction``: see :class:`fp_kernels.BlockRules`);
+    :meth:`rules_for` gives the rules of one layer, which the attention function passes to the
+    operator. The fields below are this layer's own. A value of the wrong type raises ``TypeError``,
+    one out of range ``ValueError``.
+
     Attributes:
-        alpha: block threshold in ``[0, 1]``: a key block is kept when its pooled score is at least
-            ``alpha`` times the best block's (in probability terms). 0 keeps every block (dense).
-        block_size: tokens per query/key block, a power of two >= 16.
-        sink_blocks: first key blocks always computed (attention sinks).
-        window_blocks: last visible key blocks (diagonal included) always computed.
-        last_dense_blocks: the final query blocks of the prompt are computed densely.
-        min_budget: additionally keep the ``min_budget`` best-scoring key blocks of each query block.
         min_sparse_len: calls with fewer query tokens than this run dense SDPA (short prompts gain
             nothing from block skipping; decode, one token, is always dense). Together with
             ``dense_layers`` this is the whole speed policy: which calls run sparse is a pure
@@ -66,12 +55,6 @@ class FlashPrefillConfig:
             MODEL --speed`` measures them on your GPU.
         dense_layers: layer indices that always run dense SDPA (e.g. ``(0, 1)``).
         layer_alpha: per-layer ``alpha`` overrides, ``{layer_idx: alpha}``.
-        group_select: one block selection per GQA group (union of its query heads) instead of one
-            per query head.
-        mean_correction: give each skipped key block before the query block one stand-in term in
-            the softmax (its length times the exponentiated score of its mean key, with its mean
-            value) instead of dropping it; see ``fp_kernels.flash_prefill``. Same selection and
-            density, a little more work per skipped block.
         backend: ``"auto"`` (Triton kernels where they run, the PyTorch reference on the CPU, dense
             SDPA on other devices/dtypes the kernels can't take), ``"triton"`` (kernels or an error)
             or ``"reference"`` (always the pure-PyTorch reference; slow, for tests).
@@ -81,45 +64,41 @@ class FlashPrefillConfig:
             ``dense_layers`` layers) never raise.
     """
 
-    alpha: float = 0.12
-    block_size: int = 128
-    sink_blocks: int = 2
-    window_blocks: int = 4
-    last_dense_blocks: int = 2
-    min_budget: int = 0
     min_sparse_len: int = 2048
     dense_layers: tuple[int, ...] = ()
     layer_alpha: Mapping[int, float] = field(default_factory=dict)
-    group_select: bool = False
-    mean_correction: bool = False
     backend: str = "auto"
     strict: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "alpha", _check_alpha("alpha", self.alpha))
-        bs = self.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block_size must be a power of two >= 16 (default 128), got {bs!r}")
-        for name in ("sink_blocks", "window_blocks", "last_dense_blocks", "min_budget"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("min_sparse_len", self.min_sparse_len, 2)
+        super().__post_init__()  # the block rules
+        check_count("min_sparse_len", self.min_sparse_len, 2, "query tokens")
         if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
-            raise ValueError(f"dense_layers must be a list of layer indices, got {self.dense_layers!r}")
-        layers = tuple(sorted({_check_int("dense_layers entry", i, 0) for i in self.dense_layers}))
+            raise TypeError(
+                f"dense_layers must be a list of layer indices, got {type(self.dense_layers).__name__} "
+                f"{self.dense_layers!r}; e.g. dense_layers=[0, 1]"
+            )
+        layers = tuple(sorted({check_count("dense_layers entry", i, 0, "a layer index") for i in self.dense_layers}))
         object.__setattr__(self, "dense_layers", layers)
         if not isinstance(self.layer_alpha, Mapping):
-            raise ValueError(f"layer_alpha must be a mapping {{layer_idx: alpha}}, got {self.layer_alpha!r}")
+            raise TypeError(
+                f"layer_alpha must be a mapping {{layer_idx: alpha}}, got {type(self.layer_alpha).__name__} "
+                f"{self.layer_alpha!r}; e.g. layer_alpha={{5: 0.2}}"
+            )
         overrides = {}
         for key, value in self.layer_alpha.items():
             # JSON object keys are strings; accept "5" as layer 5
             layer = int(key) if isinstance(key, str) and key.isdigit() else key
-            overrides[_check_int("layer_alpha key", layer, 0)] = _check_alpha(f"layer_alpha[{layer}]", value)
+            overrides[check_count("layer_alpha key", layer, 0, "a layer index")] = check_fraction(
+                f"layer_alpha[{layer}]", value)
         object.__setattr__(self, "layer_alpha", dict(sorted(overrides.items())))
-        for name in ("group_select", "mean_correction", "strict"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_flag("strict", self.strict)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        # what the attention function passes per call, built once: the rules of every layer
+        base = self.block_rules()
+        object.__setattr__(self, "_rules", base)
+        object.__setattr__(self, "_layer_rules", {i: base.replace(alpha=a) for i, a in self.layer_alpha.items()})
 
     def __hash__(self):
         return hash(self.to_json())
@@ -128,12 +107,10 @@ class FlashPrefillConfig:
         """The alpha of layer ``layer_idx`` (its override, else :attr:`alpha`)."""
         return self.layer_alpha.get(layer_idx, self.alpha)
 
-    def replace(self, **changes) -> FlashPrefillConfig:
-        """A copy with ``changes`` applied (validated like the constructor)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown FlashPrefillConfig field(s) {sorted(unknown)}; valid: {field_names()}")
-        return dataclasses.replace(self, **changes)
+    def rules_for(self, layer_idx: int | None) -> BlockRules:
+        """The :class:`fp_kernels.BlockRules` of layer ``layer_idx``: these rules with the layer's
+        ``layer_alpha`` override applied (built once, with the settings)."""
+        return self._layer_rules.get(layer_idx, self._rules)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (``layer_alpha`` keys become strings, tuples become lists)."""

@@ -52,6 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from fp_kernels.rules import BlockRules
 
 from .names import uses_flashprefill
 
@@ -82,18 +83,20 @@ class _SparseCall:
     ref_sq: torch.Tensor | None = None  # [B, Hq] sum of squared dense output, device
     info: object | None = None  # FlashPrefillInfo, kept only with block maps
     score_inputs: tuple | None = None  # (q, k, scale, kv_start, kv_end) device copies
-    rules: tuple | None = None  # (sink_blocks, window_blocks, last_dense_blocks)
+    rules: BlockRules | None = None  # the block rules of the call
     ranges: tuple | None = None  # (kv_start, kv_end) device copies or None, with block maps
     block_size: int | None = None
 
 
-def always_computed_fraction(q_len: int, k_len: int, block_size: int, rules: tuple) -> float:
+def always_computed_fraction(q_len: int, k_len: int, rules: BlockRules) -> float:
     """The floor of the density of an unpadded call: the share of its causally visible key blocks that
-    the always-keep rules (``rules = (sink_blocks, window_blocks, last_dense_blocks)``) compute whatever
-    the scores. E.g. 73.5 % at 2K tokens with 128-token blocks and the default rules (2, 4, 2)."""
+    the always-keep rules (``rules``' ``block_size``, ``sink_blocks``, ``window_blocks``,
+    ``last_dense_blocks``) compute whatever the scores. E.g. 73.5 % at 2K tokens with the default
+    :class:`fp_kernels.BlockRules` (128-token blocks, 2 sinks, 4 window blocks, 2 dense last blocks)."""
     from fp_kernels.geometry import num_query_slots, slot_geometry
 
-    sink, window, last_dense = rules
+    block_size, sink, window, last_dense = (
+        rules.block_size, rules.sink_blocks, rules.window_blocks, rules.last_dense_blocks)
     start = torch.zeros(1, dtype=torch.int32)
     end = torch.full((1,), k_len, dtype=torch.int32)
     n_slots = num_query_slots(q_len, k_len, block_size, False)
@@ -217,9 +220,10 @@ class DensityRecorder:
     ) -> None:
         """Record one sparse call (device tensors only; no host sync).
 
-        ``rules``: ``(sink_blocks, window_blocks, last_dense_blocks)`` of the call, used to mark the
-        always-computed blocks on block maps; default: the module's FlashPrefill settings, or the
-        operator's defaults when ``module`` is ``None``."""
+        ``rules``: the :class:`fp_kernels.BlockRules` of the call, used to mark the always-computed
+        blocks on block maps and for the density floor; default: the module's FlashPrefill settings
+        for ``layer_idx``, or :class:`~fp_kernels.BlockRules`' defaults at the info's block size when
+        ``module`` is ``None``."""
         if not self._accepts(module):
             return
         density = info.density.detach()
@@ -231,13 +235,17 @@ class DensityRecorder:
                 kept = kept.repeat_interleave(density.shape[1] // kept.shape[1], dim=1)
         layer = -1 if layer_idx is None else int(layer_idx)
         call = _SparseCall(self._current_run(), layer, int(q_len), int(k_len), density, kept, visible)
-        if rules is None:
-            from .config import FlashPrefillConfig, config_for_module
-
-            cfg = FlashPrefillConfig() if module is None else config_for_module(module)
-            rules = (cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks)
-        call.rules = tuple(int(r) for r in rules)
         call.block_size = getattr(info, "block_size", None)
+        if rules is None:
+            from .config import config_for_module
+
+            if module is not None:
+                rules = config_for_module(module).rules_for(layer_idx)
+            else:
+                rules = BlockRules() if call.block_size is None else BlockRules(block_size=call.block_size)
+        elif not isinstance(rules, BlockRules):
+            raise TypeError(f"rules must be a fp_kernels.BlockRules, got {type(rules).__name__} {rules!r}")
+        call.rules = rules.block_rules()
         if self.error:
             if out is None or dense_fn is None:
                 if not self._warned_error:
@@ -365,9 +373,9 @@ class DensityRecorder:
                 err = np.sqrt(rec["err_sq"].sum(0) / np.where(ref > 0, ref, 1.0))
             else:
                 err = np.full(heads, np.nan)
-            key = (c.q_len, c.k_len, c.block_size, c.rules)
+            key = (c.q_len, c.k_len, c.rules)
             if key not in floors:
-                floors[key] = always_computed_fraction(*key) if c.block_size and c.rules else float("nan")
+                floors[key] = always_computed_fraction(*key) if c.rules else float("nan")
             floor = floors[key]
             for h in range(heads):
                 rows["floor"].append(floor)
@@ -555,7 +563,8 @@ class DensityRecorder:
         from fp_kernels.geometry import normalize_ranges, slot_geometry
 
         _, call = self._map_call(layer, run)
-        sink, window, last_dense = call.rules or (2, 4, 2)
+        rules = call.rules or BlockRules()
+        sink, window, last_dense = rules.sink_blocks, rules.window_blocks, rules.last_dense_blocks
         kv_start, kv_end = call.ranges or (None, None)
         n_slots, nkb = call.info.block_index.shape[-2:]
         start, end = normalize_ranges(call.density.shape[0], call.k_len, kv_start, kv_end, "cpu")

@@ -16,7 +16,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from fp_kernels import flash_prefill
+from fp_kernels import BlockRules, flash_prefill
 from fp_kernels.geometry import block_totals, normalize_ranges, slot_geometry
 
 from .provenance import git_commit
@@ -121,12 +121,14 @@ def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed
     return worst
 
 
-def selection_check(q, k, info, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, slots=16):
+def selection_check(q, k, info, rules, slots=16):
     """Fraction of block decisions on sampled (slot, head) pairs of batch row 0 that disagree with
     the fp32 scores of :func:`fp_kernels.block_scores_reference` by more than float rounding
     (|score - threshold| > 0.02 nats), for ``Lq == Lk`` unpadded inputs and per-head selection."""
     from fp_kernels.reference import block_scores_reference
 
+    alpha, block_size, sink_blocks, window_blocks, last_dense_blocks = (
+        rules.alpha, rules.block_size, rules.sink_blocks, rules.window_blocks, rules.last_dense_blocks)
     if info.group_select:
         return 0.0
     hq = q.shape[2]
@@ -184,10 +186,11 @@ def run_benchmark(
 ) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the operator benchmark needs a CUDA GPU")
-    rules = {"sink_blocks": 2, "window_blocks": 4, "last_dense_blocks": 2}
+    rules = BlockRules(alpha=alpha, block_size=block_size, sink_blocks=2, window_blocks=4, last_dense_blocks=2)
     results = {"environment": environment(), "shape": {
         "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
-        "block_size": block_size, "alpha": alpha, **rules,
+        "block_size": block_size, "alpha": alpha, "sink_blocks": rules.sink_blocks,
+        "window_blocks": rules.window_blocks, "last_dense_blocks": rules.last_dense_blocks,
         "inputs": "fp_tools.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
     }, "rows": []}
     from fp_kernels.sparse_attention import sparse_attention
@@ -212,27 +215,26 @@ def run_benchmark(
         # the whole operator, per-head and per-group selection
         for group_select in group_modes:
             tag = "group" if group_select else "head"
-            out, info = flash_prefill(q, k, v, alpha, block_size, **rules, group_select=group_select,
-                                      return_info=True)
+            mode = rules.replace(group_select=group_select)
+            out, info = flash_prefill(q, k, v, rules=mode, return_info=True)
             density = float(info.density.mean())
             err_exec = spot_check(q, k, v, out, info.block_index, info.block_count, block_size)
             err_dense = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
-            sel_bad = selection_check(q, k, info, alpha, block_size, **rules)
+            sel_bad = selection_check(q, k, info, mode)
             ok = err_exec < 2e-2 and sel_bad < 1e-3 and not torch.isnan(out).any()
             row[f"full_{tag}_density"] = density
             row[f"full_{tag}_err_vs_dense"] = err_dense
             row[f"full_{tag}_check"] = {"spot_rel_err": err_exec, "selection_mismatch": sel_bad, "ok": ok}
             if ok:
-                ms = median_ms(flash_prefill, q, k, v, alpha, block_size, **rules, group_select=group_select)
+                ms = median_ms(flash_prefill, q, k, v, rules=mode)
                 row[f"full_{tag}_ms"] = ms
-                row[f"full_{tag}_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **rules,
-                                                           group_select=group_select)
+                row[f"full_{tag}_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, rules=mode)
                 row[f"full_{tag}_tflops_computed"] = density * flops / ms / 1e9
                 row[f"full_{tag}_speedup_vs_cudnn"] = cudnn_ms / ms
-        _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flops)
+        _mean_correction_row(row, q, k, v, rules, ref_dense, flops)
         # index building alone (pool + score/select/compact)
-        row["index_ms"] = median_ms(_build_index, q, k, seq_len, alpha, block_size, rules)
-        row["index_graph_ms"] = median_graph_ms(_build_index, q, k, seq_len, alpha, block_size, rules)
+        row["index_ms"] = median_ms(_build_index, q, k, seq_len, rules)
+        row["index_graph_ms"] = median_graph_ms(_build_index, q, k, seq_len, rules)
         row["index_graph_pct_of_cudnn"] = 100.0 * row["index_graph_ms"] / cudnn_ms
         row["full_head_graph_speedup_vs_cudnn"] = cudnn_ms / row.get("full_head_graph_ms", math.inf)
         row["index_pct_of_cudnn"] = 100.0 * row["index_ms"] / cudnn_ms
@@ -262,22 +264,22 @@ def run_benchmark(
     return results
 
 
-def _mean_correction_row(row, q, k, v, alpha, block_size, rules, ref_dense, flops) -> None:
+def _mean_correction_row(row, q, k, v, rules, ref_dense, flops) -> None:
     """``mean_corr_*``: the operator (per-head) with ``mean_correction=True`` on the same inputs, checked
     on sampled rows before timing, its time and overhead over the uncorrected operator, and both
     operators' relative L2 error against dense attention."""
-    out, info = flash_prefill(q, k, v, alpha, block_size, **rules, return_info=True, mean_correction=True)
-    err = spot_check(q, k, v, out, info.block_index, info.block_count, block_size, mean_correction=True)
+    corrected = rules.replace(mean_correction=True)
+    out, info = flash_prefill(q, k, v, rules=corrected, return_info=True)
+    err = spot_check(q, k, v, out, info.block_index, info.block_count, rules.block_size, mean_correction=True)
     ok = err < 2e-2 and not torch.isnan(out).any()
     row["mean_corr_check"] = {"spot_rel_err": err, "ok": ok}
     row["mean_corr_err_vs_dense"] = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
     if not ok:
         return
-    kwargs = dict(rules, mean_correction=True)
-    row["mean_corr_ms"] = median_ms(flash_prefill, q, k, v, alpha, block_size, **kwargs)
-    row["mean_corr_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **kwargs)
+    row["mean_corr_ms"] = median_ms(flash_prefill, q, k, v, rules=corrected)
+    row["mean_corr_graph_ms"] = median_graph_ms(flash_prefill, q, k, v, rules=corrected)
     # the uncorrected operator again, interleaved, so that both see the same clocks
-    plain_ms = median_graph_ms(flash_prefill, q, k, v, alpha, block_size, **rules)
+    plain_ms = median_graph_ms(flash_prefill, q, k, v, rules=rules)
     row["mean_corr_plain_graph_ms"] = plain_ms
     row["mean_corr_overhead_pct"] = 100.0 * (row["mean_corr_graph_ms"] / plain_ms - 1.0)
 
@@ -302,11 +304,11 @@ def mean_correction_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _build_index(q, k, seq_len, alpha, block_size, rules):
+def _build_index(q, k, seq_len, rules):
     from fp_kernels.pool import pool_keys
     from fp_kernels.select import select_blocks
 
-    return select_blocks(q, pool_keys(k, block_size), seq_len, alpha, block_size, **rules)
+    return select_blocks(q, pool_keys(k, rules.block_size), seq_len, rules)
 
 
 def format_row(row: dict) -> str:

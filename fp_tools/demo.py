@@ -217,7 +217,7 @@ def run(args) -> int:
         overrides["min_sparse_len"] = 256
     try:
         cfg = fp_patch.configure(model, **overrides)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if "min_sparse_len" in overrides:

@@ -214,8 +214,7 @@ def variant_settings(defaults, alpha: float, min_sparse_len: int, density: float
     cfg = defaults.replace(alpha=alpha, min_sparse_len=min_sparse_len)
     if density is None:
         return cfg
-    budget = budget_for_density(length, density, cfg.block_size, cfg.sink_blocks, cfg.window_blocks,
-                                cfg.last_dense_blocks)
+    budget = budget_for_density(length, density, cfg)
     return cfg.replace(alpha=1.0, min_budget=budget)
 
 

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fp_kernels import block_scores_reference, select_blocks_reference
+from fp_kernels import BlockRules, block_scores_reference, select_blocks_reference
 from fp_kernels.geometry import density_from_counts, num_query_slots, slot_geometry
 
 from fp_patch.budget import budget_for_density, expected_density
 
 
-def realised_density(q_len: int, budget: int, block_size: int, rules: dict, seed: int = 0) -> float:
+def realised_density(q_len: int, budget: int, rules: BlockRules, seed: int = 0) -> float:
     """Mean block density the reference selection computes with alpha=1.0 and ``budget`` on random q/k."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, q_len, 2, 64, generator=gen)
     k = torch.randn(1, q_len, 1, 64, generator=gen)
+    block_size = rules.block_size
     n_slots = num_query_slots(q_len, q_len, block_size, False)
     geo = slot_geometry(q_len, q_len, block_size, torch.zeros(1, dtype=torch.long),
-                        torch.full((1,), q_len), n_slots, rules["last_dense_blocks"])
+                        torch.full((1,), q_len), n_slots, rules.last_dense_blocks)
     scores = block_scores_reference(q, k, block_size)
-    _, count = select_blocks_reference(scores, geo["n_vis"], geo["dense"], 1.0, rules["sink_blocks"],
-                                       rules["window_blocks"], budget)
+    _, count = select_blocks_reference(scores, geo["n_vis"], geo["dense"], rules.replace(alpha=1.0, min_budget=budget))
     return float(density_from_counts(count, geo, 2).mean())
 
 
@@ -29,11 +29,11 @@ def realised_density(q_len: int, budget: int, block_size: int, rules: dict, seed
     (8192, 64, 0.2), (8192, 64, 0.5), (16384, 64, 0.05), (16384, 64, 0.1), (4096, 32, 0.7), (6000, 64, 0.3),
 ], ids=lambda x: str(x))
 def test_realised_density_is_near_the_target(q_len, block_size, target):
-    rules = {"sink_blocks": 2, "window_blocks": 4, "last_dense_blocks": 2}
-    n = budget_for_density(q_len, target, block_size, **rules)
-    got = realised_density(q_len, n, block_size, rules)
+    rules = BlockRules(block_size=block_size, sink_blocks=2, window_blocks=4, last_dense_blocks=2)
+    n = budget_for_density(q_len, target, rules)
+    got = realised_density(q_len, n, rules)
     assert abs(got - target) < 0.02, (n, got)
-    assert abs(expected_density(q_len, n, block_size, **rules) - got) < 0.015  # the model behind the solver
+    assert abs(expected_density(q_len, n, rules) - got) < 0.015  # the model behind the solver
 
 
 def test_bounds_and_monotonicity():

@@ -26,19 +26,22 @@ def test_defaults_are_the_paper_block_rules():
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "error"),
     [
-        {"alpha": -0.1}, {"alpha": 1.5}, {"alpha": float("nan")}, {"alpha": True}, {"alpha": "0.1"},
-        {"block_size": 100}, {"block_size": 8}, {"block_size": 128.0}, {"sink_blocks": -1},
-        {"window_blocks": 1.5}, {"last_dense_blocks": None}, {"min_budget": -2}, {"min_sparse_len": 1},
-        {"dense_layers": "0,1"}, {"dense_layers": [-1]}, {"dense_layers": 3}, {"layer_alpha": [0.1]},
-        {"layer_alpha": {0: 2.0}}, {"layer_alpha": {-1: 0.1}}, {"group_select": 1}, {"strict": "yes"},
-        {"backend": "cuda"},
+        ({"alpha": -0.1}, ValueError), ({"alpha": 1.5}, ValueError), ({"alpha": float("nan")}, ValueError),
+        ({"alpha": True}, TypeError), ({"alpha": "0.1"}, TypeError), ({"block_size": 100}, ValueError),
+        ({"block_size": 8}, ValueError), ({"block_size": 128.0}, TypeError), ({"sink_blocks": -1}, ValueError),
+        ({"window_blocks": 1.5}, TypeError), ({"last_dense_blocks": None}, TypeError),
+        ({"min_budget": -2}, ValueError), ({"min_sparse_len": 1}, ValueError), ({"dense_layers": "0,1"}, TypeError),
+        ({"dense_layers": [-1]}, ValueError), ({"dense_layers": 3}, TypeError), ({"layer_alpha": [0.1]}, TypeError),
+        ({"layer_alpha": {0: 2.0}}, ValueError), ({"layer_alpha": {-1: 0.1}}, ValueError),
+        ({"group_select": 1}, TypeError), ({"strict": "yes"}, TypeError), ({"backend": "cuda"}, ValueError),
     ],
-    ids=lambda bad: "-".join(f"{k}={v!r}" for k, v in bad.items()),
+    ids=lambda x: "-".join(f"{k}={v!r}" for k, v in x.items()) if isinstance(x, dict) else x.__name__,
 )
-def test_invalid_values_raise_naming_the_field(bad):
-    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+def test_invalid_values_raise_naming_the_field(bad, error):
+    """A value of the wrong type is a TypeError, one out of range a ValueError (as the operator's)."""
+    with pytest.raises(error, match=next(iter(bad)).split("_")[0]):
         FlashPrefillConfig(**bad)
 
 

@@ -32,7 +32,7 @@ def test_curve_follows_the_paper():
 def test_one_row_on_a_tiny_model():
     model = build("llama", "sdpa")
     base = fp_patch.FlashPrefillConfig(**TEST_SETTINGS).replace(min_sparse_len=2)
-    settings = base.replace(alpha=1.0, min_budget=budget_for_density(512, 0.5, 16))
+    settings = base.replace(alpha=1.0, min_budget=budget_for_density(512, 0.5, base))
     row = crossover.measure(model, "tiny", {"input_ids": text_ids(512).to(model.device)}, settings, repeats=1)
     assert row["length"] == 512 and row["dense_ms"] > 0 and row["sparse_ms"] > 0
     assert row["all_sparse"] and row["sparse_layers"] == row["layers"] == 2

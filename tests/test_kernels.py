@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ON_GPU, kernel_dtypes
 from fp_kernels import (
+    BlockRules,
     block_scores_reference,
     flash_prefill,
     flash_prefill_reference,
@@ -281,7 +282,8 @@ def test_select_blocks_writes_every_count(device, monkeypatch):
     start = torch.tensor([0, 150], device=device, dtype=torch.int32)
     end = torch.tensor([200, 200], device=device, dtype=torch.int32)
     poisoned = poison_allocator(device, monkeypatch)
-    index, count = select_blocks(q, pool_keys(k, 32, start, end), 200, 0.3, 32, 1, 1, 1, 0, None, start, end)
+    rules = BlockRules(alpha=0.3, block_size=32, sink_blocks=1, window_blocks=1, last_dense_blocks=1)
+    index, count = select_blocks(q, pool_keys(k, 32, start, end), 200, rules, None, start, end)
     n_slots = num_query_slots(70, 200, 32, True)
     geo = slot_geometry(70, 200, 32, start, end, n_slots, 1)
     assert (tuple(count.shape), torch.int32) in poisoned
@@ -294,11 +296,11 @@ def test_custom_op_fake_matches_real():
     dtype = DTYPES[0]
     device = "cuda" if ON_GPU else "cpu"
     q, k, v = make_inputs((1, 96, 96, 2, 1, 64, 32), dtype, device)
+    rules = BlockRules(alpha=0.3, block_size=32, sink_blocks=1, window_blocks=1, last_dense_blocks=1)
     for ranges in [(None, None), (torch.tensor([3], device=device), torch.tensor([96], device=device))]:
         with short_failure():
             torch.library.opcheck(
-                torch.ops.fp_kernels.flash_prefill.default,
-                (q, k, v, *ranges, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto"),
+                torch.ops.fp_kernels.flash_prefill.default, (q, k, v, *ranges, 0.125, "auto", *rules.as_scalars()),
                 test_utils=("test_schema", "test_faketensor"),
             )
 
@@ -350,9 +352,9 @@ def test_selection_check_agrees_with_the_reference_and_catches_a_wrong_selection
     from fp_tools.benchmark import selection_check
 
     q, k, v = structured_qkv(1, 2048, 4, 2, 64, block_size=64)
-    rules = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 1}
-    _, info = flash_prefill(q, k, v, 0.3, 64, **rules, backend="reference", return_info=True)
-    _, other = flash_prefill(q, k, v, 0.9, 64, **rules, backend="reference", return_info=True)
+    rules = BlockRules(alpha=0.3, block_size=64, sink_blocks=1, window_blocks=1, last_dense_blocks=1)
+    _, info = flash_prefill(q, k, v, rules=rules, backend="reference", return_info=True)
+    _, other = flash_prefill(q, k, v, rules=rules.replace(alpha=0.9), backend="reference", return_info=True)
     assert float(info.density.mean()) < 0.9
-    assert selection_check(q, k, info, 0.3, 64, **rules, slots=64) == 0.0
-    assert selection_check(q, k, other, 0.3, 64, **rules, slots=64) > 0.01
+    assert selection_check(q, k, info, rules, slots=64) == 0.0
+    assert selection_check(q, k, other, rules, slots=64) > 0.01

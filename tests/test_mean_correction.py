@@ -15,7 +15,13 @@ import math
 import pytest
 import torch
 from conftest import ON_GPU, kernel_dtypes
-from fp_kernels import flash_prefill, flash_prefill_reference, pool_keys_reference, sparse_attention_reference
+from fp_kernels import (
+    BlockRules,
+    flash_prefill,
+    flash_prefill_reference,
+    pool_keys_reference,
+    sparse_attention_reference,
+)
 from fp_kernels.geometry import normalize_ranges
 from fp_kernels.pool import pool_keys
 from fp_kernels.sparse_attention import sparse_attention
@@ -243,8 +249,9 @@ def test_custom_op_fake_matches_real_with_mean_correction():
     q, k, v, *_ = make_case((1, 96, 96, 2, 1, 64, 32, 0.0, (0, 0, 0), None, ()), DTYPES[0], device)
     with short_failure():
         torch.library.opcheck(
-            torch.ops.fp_kernels.flash_prefill.default,
-            (q, k, v, None, None, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto", True),
+            torch.ops.fp_kernels.flash_prefill.default, (q, k, v, None, None, 0.125, "auto", *BlockRules(
+                alpha=0.3, block_size=32, sink_blocks=1, window_blocks=1, last_dense_blocks=1,
+                mean_correction=True).as_scalars()),
             test_utils=("test_schema", "test_faketensor"),
         )
 
@@ -286,7 +293,7 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
 
     cfg = FlashPrefillConfig(mean_correction=True)
     assert FlashPrefillConfig.from_json(cfg.to_json()) == cfg and not FlashPrefillConfig().mean_correction
-    with pytest.raises(ValueError, match="mean_correction"):
+    with pytest.raises(TypeError, match="mean_correction"):
         FlashPrefillConfig(mean_correction="yes")
     fp, ref = build_pair("llama", local=LOCAL)
     impl = Implementation.parse("flashprefill:mean_correction=true,label=corrected")
@@ -295,7 +302,7 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     real = fp_kernels.flash_prefill
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["mean_correction"])
+        seen.append(kwargs["rules"].mean_correction)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fp_kernels, "flash_prefill", spy)

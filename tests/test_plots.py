@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fp_kernels import flash_prefill
+from fp_kernels import BlockRules, flash_prefill
 from matplotlib.figure import Figure
 
 from fp_patch import plots
@@ -69,15 +69,15 @@ def test_heatmap_marks_the_always_computed_floor(rec):
     whatever the scores (at 2K tokens with the default rules, 100 of 136 blocks: 73.5 %)."""
     from fp_patch.recording import always_computed_fraction
 
-    assert always_computed_fraction(2048, 2048, 128, (2, 4, 2)) == pytest.approx(100 / 136)
-    assert always_computed_fraction(4096, 4096, 128, (2, 4, 2)) == pytest.approx(0.4318, abs=1e-4)
+    assert always_computed_fraction(2048, 2048, BlockRules()) == pytest.approx(100 / 136)
+    assert always_computed_fraction(4096, 4096, BlockRules()) == pytest.approx(0.4318, abs=1e-4)
     frame = rec.to_frame()
     run1 = frame[frame["run"] == 1]
-    assert (run1["floor"] == always_computed_fraction(512, 512, 32, (2, 4, 2))).all()
+    assert (run1["floor"] == always_computed_fraction(512, 512, BlockRules(block_size=32))).all()
     assert (frame["density"] >= frame["floor"] - 1e-6).all(), "no head computes less than the rules force"
     fig = plots.plot_density_heatmap(frame, run=1)
     colorbar = fig.axes[1]
-    floor = always_computed_fraction(512, 512, 32, (2, 4, 2))
+    floor = always_computed_fraction(512, 512, BlockRules(block_size=32))
     assert [t.get_text() for t in colorbar.texts] == [f"floor {floor:.0%}"]
     assert f"floor {floor:.1%} (red): always computed, by rule" in fig.axes[0].get_title()
 
@@ -122,10 +122,10 @@ def test_always_kept_follows_the_rules(rules):
     """Every block the rules force is selected, and at alpha 1 (keep only the best-scoring block) the
     selection is the forced blocks plus at most the best one per query block."""
     sink, window, last = rules
+    rules = BlockRules(alpha=1.0, block_size=32, sink_blocks=sink, window_blocks=window, last_dense_blocks=last)
     q, k, v = qkv(512)
     rec = DensityRecorder(None, block_maps=True)
-    _, info = flash_prefill(q, k, v, alpha=1.0, block_size=32, sink_blocks=sink, window_blocks=window,
-                            last_dense_blocks=last, return_info=True, backend="reference")
+    _, info = flash_prefill(q, k, v, rules=rules, return_info=True, backend="reference")
     rec.add_sparse(None, 0, info, q_len=512, k_len=512, rules=rules)
     forced = rec.always_kept(0)
     for head in range(4):

@@ -85,7 +85,7 @@ def test_recorded_density_equals_operator_info(operator_calls):
     # the block map of layer 2 and the scores behind it come from the same q/k
     last = operator_calls[2]
     _, info = flash_prefill(last["q"], last["k"], last["v"], *last["args"], return_info=True, **last["kwargs"])
-    scores = block_scores_reference(last["q"], last["k"], 16, last["args"][6])  # args: alpha .. scale
+    scores = block_scores_reference(last["q"], last["k"], 16, last["kwargs"]["scale"])
     for head in range(4):
         assert torch.equal(rec.block_mask(2, head), info.block_mask(0, head))
         assert torch.equal(rec.block_scores(2, head), scores[0, head])

@@ -2,7 +2,8 @@
 
 Stages (each with a Triton version and a reference):
 ``pool_keys`` (block-mean keys) -> ``select_blocks`` (fused block scoring + thresholding +
-compaction) -> ``sparse_attention`` (index-driven block-sparse attention forward).
+compaction) -> ``sparse_attention`` (index-driven block-sparse attention forward). The block rules
+(``alpha``, ``block_size``, sinks, window, ...) travel as one :class:`BlockRules`.
 """
 
 from .api import SUPPORTED_HEAD_DIMS, flash_prefill
@@ -14,9 +15,11 @@ from .reference import (
     select_blocks_reference,
     sparse_attention_reference,
 )
+from .rules import BlockRules
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
+    "BlockRules",
     "FlashPrefillInfo",
     "block_scores_reference",
     "flash_prefill",

@@ -10,6 +10,7 @@ import torch
 from .backend import MIN_TRITON, interpreter_enabled, kernel_backend_reason, triton_available, triton_problem
 from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
 from .info import FlashPrefillInfo
+from .rules import BlockRules, resolve_rules, schema_arguments
 from .validation import SUPPORTED_HEAD_DIMS, validate_inputs, validate_inputs_once
 
 logger = logging.getLogger(__name__)
@@ -40,62 +41,50 @@ def log_once(message: str) -> None:
 BACKENDS = ("auto", "triton", "reference")
 
 
-def _run(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-         min_budget, scale, group_select, backend, mean_correction=False):
+def _run(q, k, v, kv_start, kv_end, scale: float, backend: str, rules: BlockRules):
     reason = kernel_backend_reason(q) if backend != "reference" else "backend='reference' was asked for"
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
     if reason is None:
         from .pipeline import flash_prefill_triton
 
-        return flash_prefill_triton(
-            q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select, mean_correction,
-        )
+        return flash_prefill_triton(q, k, v, rules, scale, kv_start, kv_end)
     log_once(f"flash_prefill: using the PyTorch reference: {reason}")
     from .reference import flash_prefill_reference
 
     out, info = flash_prefill_reference(
-        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-        kv_start=kv_start, kv_end=kv_end, group_select=group_select, return_info=True,
-        mean_correction=mean_correction,
+        q, k, v, scale=scale, kv_start=kv_start, kv_end=kv_end, rules=rules, return_info=True,
     )
     return out, info.block_index, info.block_count
 
 
-@torch.library.custom_op("fp_kernels::flash_prefill", mutates_args=())
-def _flash_prefill_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_start: torch.Tensor | None,
-    kv_end: torch.Tensor | None,
-    alpha: float,
-    block_size: int,
-    sink_blocks: int,
-    window_blocks: int,
-    last_dense_blocks: int,
-    min_budget: int,
-    scale: float,
-    group_select: bool,
-    backend: str,
-    mean_correction: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, index, count = _run(
-        q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-        min_budget, scale, group_select, backend, mean_correction,
-    )
+# The custom op takes scalars, not objects: the block rules cross this one boundary as their fields, in
+# BlockRules' declaration order (the schema is built from those fields, BlockRules.as_scalars /
+# from_scalars convert).
+OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? kv_start, Tensor? kv_end, float scale, str backend, "
+    f"{schema_arguments()}) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _flash_prefill_op_impl(q, k, v, kv_start, kv_end, scale, backend, *rule_values):
+    out, index, count = _run(q, k, v, kv_start, kv_end, scale, backend, BlockRules.from_scalars(rule_values))
     return out, index, count
 
 
+_flash_prefill_op = torch.library.custom_op(
+    "fp_kernels::flash_prefill", _flash_prefill_op_impl, mutates_args=(), schema=OP_SCHEMA
+)
+
+
 @_flash_prefill_op.register_fake
-def _(q, k, v, kv_start, kv_end, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
-      min_budget, scale, group_select, backend, mean_correction=False):
+def _(q, k, v, kv_start, kv_end, scale, backend, *rule_values):
+    rules = BlockRules.from_scalars(rule_values)
     batch, q_len, hq, _ = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
-    hsel = hkv if group_select else hq
-    n_slots = num_query_slots(q_len, k_len, block_size, kv_start is not None or kv_end is not None)
-    nkb = num_key_blocks(k_len, block_size)
+    hsel = hkv if rules.group_select else hq
+    n_slots = num_query_slots(q_len, k_len, rules.block_size, kv_start is not None or kv_end is not None)
+    nkb = num_key_blocks(k_len, rules.block_size)
     out = q.new_empty(batch, q_len, hq, v.shape[-1])
     index = q.new_empty(batch, hsel, n_slots, nkb, dtype=torch.int32)
     count = q.new_empty(batch, hsel, n_slots, dtype=torch.int32)
@@ -106,22 +95,30 @@ def flash_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    alpha: float = 0.12,
-    block_size: int = 128,
-    sink_blocks: int = 2,
-    window_blocks: int = 4,
-    last_dense_blocks: int = 2,
-    min_budget: int = 0,
+    alpha: float | None = None,
+    block_size: int | None = None,
+    sink_blocks: int | None = None,
+    window_blocks: int | None = None,
+    last_dense_blocks: int | None = None,
+    min_budget: int | None = None,
     scale: float | None = None,
     *,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
-    group_select: bool = False,
+    group_select: bool | None = None,
     return_info: bool = False,
     backend: str = "auto",
-    mean_correction: bool = False,
+    mean_correction: bool | None = None,
+    rules: BlockRules | None = None,
 ):
     """Block-sparse causal prefill attention (FlashPrefill).
+
+    The block rules come either as one :class:`BlockRules` (``rules=``, the way to pass them on) or as
+    the individual keywords ``alpha, block_size, sink_blocks, window_blocks, last_dense_blocks,
+    min_budget, group_select, mean_correction``, of which the ones left out (``None``) take
+    :class:`BlockRules`' defaults (``0.12, 128, 2, 4, 2, 0, False, False``): ``flash_prefill(q, k, v,
+    0.2, 64)`` equals ``flash_prefill(q, k, v, rules=BlockRules(alpha=0.2, block_size=64))``. Giving
+    ``rules=`` and a rule keyword raises ``ValueError``.
 
     Args:
         q: ``[B, Lq, Hq, D]``; k, v: ``[B, Lk, Hkv, D]`` (FlashAttention layout, any strides).
@@ -163,6 +160,7 @@ def flash_prefill(
             block's mass. With ``alpha=0`` and ``min_budget=0`` nothing is skipped and the output is
             unchanged. The kernels and the reference apply the same rule; costs one more pooled
             tensor (mean values) and one stand-in column per skipped block.
+        rules: all of the above block rules as one :class:`BlockRules` (instead of the keywords).
 
     Causal alignment is bottom-right when ``Lq < Lk`` (a continued prefill on a cache): query row
     ``i`` sees keys ``0 .. i + Lk - Lq``. For ``Lq = 2``, ``Lk = 5`` (``x`` = attended)::
@@ -176,34 +174,36 @@ def flash_prefill(
     ``TRITON_INTERPRET=1``. Anything else (fp32 on the GPU, CPU without the interpreter, no Triton)
     runs :func:`flash_prefill_reference`, with one logged note.
     """
-    validate_inputs_once(
-        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-        kv_start, kv_end, for_kernel=True,
-    )
+    validate_inputs_once(q, k, v, scale, kv_start, kv_end, for_kernel=True)
+    compiling = torch.compiler.is_compiling()
+    rules = resolve_rules(rules, {
+        "alpha": alpha, "block_size": block_size, "sink_blocks": sink_blocks, "window_blocks": window_blocks,
+        "last_dense_blocks": last_dense_blocks, "min_budget": min_budget, "group_select": group_select,
+        "mean_correction": mean_correction,
+    }, "flash_prefill", remember=not compiling)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    dim = q.shape[-1]
-    scale = dim**-0.5 if scale is None else float(scale)
-    if not isinstance(mean_correction, bool):
-        raise TypeError(f"mean_correction must be True or False, got {mean_correction!r}")
-    args = (q, k, v, kv_start, kv_end, float(alpha), block_size, sink_blocks, window_blocks, last_dense_blocks,
-            min_budget, scale, group_select, backend, mean_correction)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # the custom op is what torch.compile/CUDA-graph tracing needs; eager calls skip its dispatch cost
-    out, index, count = _flash_prefill_op(*args) if torch.compiler.is_compiling() else _run(*args)
+    if compiling:
+        out, index, count = _flash_prefill_op(q, k, v, kv_start, kv_end, scale, backend, *rules.as_scalars())
+    else:
+        out, index, count = _run(q, k, v, kv_start, kv_end, scale, backend, rules)
     if not return_info:
         return out
-    return out, make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select)
+    return out, make_info(q, k, index, count, rules, kv_start, kv_end)
 
 
-def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_end, group_select):
+def make_info(q, k, index, count, rules: BlockRules, kv_start, kv_end):
     """Build :class:`FlashPrefillInfo` from kernel outputs (device ops only, no host sync), with exact
     ``computed_blocks``/``visible_blocks`` counts over the prompt's query blocks."""
     from .geometry import block_totals
 
+    block_size = rules.block_size
     batch, q_len, hq, _ = q.shape
     k_len = k.shape[1]
     start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
-    geo = slot_geometry(q_len, k_len, block_size, start, end, count.shape[-1], last_dense_blocks)
+    geo = slot_geometry(q_len, k_len, block_size, start, end, count.shape[-1], rules.last_dense_blocks)
     nkb = index.shape[-1]
     # entries past the count are scratch in the kernel output; make them -1 as documented
     valid = torch.arange(nkb, device=index.device) < count[..., None]
@@ -214,7 +214,7 @@ def make_info(q, k, index, count, block_size, last_dense_blocks, kv_start, kv_en
         block_index=index,
         block_count=count,
         block_size=block_size,
-        group_select=group_select,
+        group_select=rules.group_select,
         computed_blocks=computed,
         visible_blocks=visible,
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .geometry import density_from_counts, normalize_ranges, num_key_blocks, num_query_slots, slot_geometry
 from .info import FlashPrefillInfo
+from .rules import BlockRules, resolve_rules
 from .validation import validate_inputs
 
 # elements of the (heads x rows x keys) fp32 score tile computed at once (64 MiB)
@@ -94,24 +95,24 @@ def select_blocks_reference(
     scores: torch.Tensor,
     n_vis: torch.Tensor,
     dense: torch.Tensor,
-    alpha: float,
-    sink_blocks: int,
-    window_blocks: int,
-    min_budget: int,
+    rules: BlockRules,
     group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Threshold block scores into compact ascending block lists.
 
-    ``scores``: ``[B, Hq, S, nkb]``; ``n_vis``/``dense``: ``[B, S]`` from :func:`slot_geometry`.
-    Keeps block ``j`` of slot ``s`` iff it is visible and one of: ``T >= log(alpha) + max T``; among
-    the first ``sink_blocks``; among the last ``window_blocks`` visible ones (diagonal included);
-    among the ``min_budget`` best (ties with the last one kept too); or the slot is ``dense``.
-    With ``group_size > 1`` each group of consecutive query heads shares the union of its heads'
-    selections.
+    ``scores``: ``[B, Hq, S, nkb]``; ``n_vis``/``dense``: ``[B, S]`` from :func:`slot_geometry` (which
+    applies ``rules.last_dense_blocks``). Keeps block ``j`` of slot ``s`` iff it is visible and one of:
+    ``T >= log(rules.alpha) + max T``; among the first ``rules.sink_blocks``; among the last
+    ``rules.window_blocks`` visible ones (diagonal included); among the ``rules.min_budget`` best (ties
+    with the last one kept too); or the slot is ``dense``.
+    With ``group_size > 1`` (``Hq / Hkv`` when ``rules.group_select``) each group of consecutive query
+    heads shares the union of its heads' selections.
 
     Returns ``block_index [B, Hsel, S, nkb]`` int32 (kept ids ascending, then -1) and
     ``block_count [B, Hsel, S]`` int32, ``Hsel = Hq / group_size``.
     """
+    alpha, sink_blocks, window_blocks, min_budget = (
+        rules.alpha, rules.sink_blocks, rules.window_blocks, rules.min_budget)
     batch, hq, n_slots, nkb = scores.shape
     j = torch.arange(nkb, device=scores.device)
     nv = n_vis[:, None, :, None]
@@ -266,48 +267,49 @@ def flash_prefill_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    alpha: float = 0.12,
-    block_size: int = 128,
-    sink_blocks: int = 2,
-    window_blocks: int = 4,
-    last_dense_blocks: int = 2,
-    min_budget: int = 0,
+    alpha: float | None = None,
+    block_size: int | None = None,
+    sink_blocks: int | None = None,
+    window_blocks: int | None = None,
+    last_dense_blocks: int | None = None,
+    min_budget: int | None = None,
     scale: float | None = None,
     *,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
-    group_select: bool = False,
+    group_select: bool | None = None,
     return_info: bool = False,
-    mean_correction: bool = False,
+    mean_correction: bool | None = None,
+    rules: BlockRules | None = None,
 ):
-    """FlashPrefill in pure PyTorch: same signature and meaning as :func:`fp_kernels.flash_prefill`.
+    """FlashPrefill in pure PyTorch: same signature and meaning as :func:`fp_kernels.flash_prefill`
+    (the block rules as one ``rules=`` :class:`BlockRules` or as keywords, not both).
 
     Inputs are validated the same way; any float dtype and any device are accepted.
     """
-    validate_inputs(
-        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-        kv_start, kv_end, for_kernel=False,
-    )
+    validate_inputs(q, k, v, scale, kv_start, kv_end, for_kernel=False)
+    rules = resolve_rules(rules, {
+        "alpha": alpha, "block_size": block_size, "sink_blocks": sink_blocks, "window_blocks": window_blocks,
+        "last_dense_blocks": last_dense_blocks, "min_budget": min_budget, "group_select": group_select,
+        "mean_correction": mean_correction,
+    }, "flash_prefill_reference")
+    block_size = rules.block_size
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else float(scale)
     start, end = normalize_ranges(batch, k_len, kv_start, kv_end, q.device)
     padded = kv_start is not None or kv_end is not None
     n_slots = num_query_slots(q_len, k_len, block_size, padded)
-    geo = slot_geometry(q_len, k_len, block_size, start, end, n_slots, last_dense_blocks)
-    needs_scores = alpha > 0 or min_budget > 0
-    if needs_scores:
+    geo = slot_geometry(q_len, k_len, block_size, start, end, n_slots, rules.last_dense_blocks)
+    if rules.needs_scores:
         scores = block_scores_reference(q, k, block_size, scale, kv_start, kv_end)
     else:
         scores = torch.zeros(batch, hq, n_slots, num_key_blocks(k_len, block_size), device=q.device)
     index, count = select_blocks_reference(
-        scores, geo["n_vis"], geo["dense"], alpha, sink_blocks, window_blocks, min_budget,
-        hq // hkv if group_select else 1,
+        scores, geo["n_vis"], geo["dense"], rules, hq // hkv if rules.group_select else 1,
     )
-    if not isinstance(mean_correction, bool):
-        raise TypeError(f"mean_correction must be True or False, got {mean_correction!r}")
     out = sparse_attention_reference(q, k, v, index, count, block_size, scale, start, end,
-                                     mean_correction=mean_correction)
+                                     mean_correction=rules.mean_correction)
     if not return_info:
         return out
     return out, FlashPrefillInfo(
@@ -315,5 +317,5 @@ def flash_prefill_reference(
         block_index=index,
         block_count=count,
         block_size=block_size,
-        group_select=group_select,
+        group_select=rules.group_select,
     )

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .geometry import num_key_blocks, num_query_slots
 from .pool import LENGTH_ARGS, launch_device, valid_range
+from .rules import BlockRules
 
 _CHUNK = 32  # key blocks scored per dot (on Hopper 32 is faster than 64 or 128: benchmarks/sweep_tiles.py --index)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
@@ -171,28 +172,24 @@ def select_blocks(
     q: torch.Tensor,
     kbar: torch.Tensor | None,
     k_len: int,
-    alpha: float,
-    block_size: int = 128,
-    sink_blocks: int = 2,
-    window_blocks: int = 4,
-    last_dense_blocks: int = 2,
-    min_budget: int = 0,
+    rules: BlockRules,
     scale: float | None = None,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
-    group_select: bool = False,
     num_kv_heads: int | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score and threshold key blocks; write compact ascending lists (Triton).
+    """Score and threshold key blocks by ``rules`` (:class:`BlockRules`; ``mean_correction`` is not
+    read here); write compact ascending lists (Triton).
 
     ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
-    ``alpha == 0`` and ``min_budget == 0``: nothing is scored). ``config`` overrides ``CHUNK`` (key
-    blocks per dot) and ``num_warps`` for benchmarking. Returns
+    ``alpha == 0`` and ``min_budget == 0``: nothing is scored; then ``num_kv_heads`` gives ``Hkv``).
+    ``config`` overrides ``CHUNK`` (key blocks per dot) and ``num_warps`` for benchmarking. Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
     float rounding of scores that sit on the threshold.
     """
+    alpha, block_size, min_budget, group_select = rules.alpha, rules.block_size, rules.min_budget, rules.group_select
     batch, q_len, hq, dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -207,7 +204,7 @@ def select_blocks(
     count = torch.empty(batch, hsel, n_slots, dtype=torch.int32, device=q.device)
     if n_slots == 0 or nkb == 0:
         return index, count.zero_()
-    score = alpha > 0 or min_budget > 0
+    score = rules.needs_scores
     if kbar is None:
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
@@ -226,7 +223,7 @@ def select_blocks(
             count.stride(0), count.stride(1),
             q_len, k_len, hsel, n_slots,
             scale * math.log2(math.e), math.log2(alpha) if alpha > 0 else -math.inf,
-            sink_blocks, window_blocks, last_dense_blocks, min_budget,
+            rules.sink_blocks, rules.window_blocks, rules.last_dense_blocks, min_budget,
             GROUP=group, SEL_GROUP=group_select, SCORE=score, HAS_BUDGET=min_budget > 0,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, ROWS=rows,
             CHUNK=chunk, N_CHUNKS=n_chunks, HAS_RANGES=has_ranges,

@@ -11,22 +11,15 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def validate_inputs(
-    q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-    kv_start, kv_end, *, for_kernel: bool,
-) -> None:
+def validate_inputs(q, k, v, scale, kv_start, kv_end, *, for_kernel: bool) -> None:
     """Raise ``TypeError`` (wrong type) or ``ValueError`` (wrong value), naming what was expected,
     what came, and what to do. Reads no tensor values (no host sync): ``kv_start``/``kv_end`` are
     checked for shape, dtype and device only; their values are clamped as documented in
-    :func:`flash_prefill`."""
+    :func:`flash_prefill`. The block rules are checked where they are built (:class:`BlockRules`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; convert it with torch.as_tensor")
@@ -71,24 +64,6 @@ def validate_inputs(
             f"head_dim {dim} is not supported by the kernels (supported: {SUPPORTED_HEAD_DIMS}); "
             "use flash_prefill_reference or dense attention for this model"
         )
-    if not _is_real(alpha):
-        raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__} {alpha!r}; pass float(alpha)")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1] (0 = dense, larger = sparser), got {alpha!r}")
-    if not _is_int(block_size):
-        raise TypeError(f"block_size must be an int (a power of two >= 16, default 128), got {block_size!r}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (default 128), got {block_size!r}")
-    for name, value in (
-        ("sink_blocks", sink_blocks),
-        ("window_blocks", window_blocks),
-        ("last_dense_blocks", last_dense_blocks),
-        ("min_budget", min_budget),
-    ):
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int >= 0 (a number of blocks), got {type(value).__name__} {value!r}")
-        if value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if scale is not None:
         if not _is_real(scale):
             raise TypeError(f"scale must be a float or None (1/sqrt(head_dim)), got {type(scale).__name__} {scale!r}")
@@ -128,25 +103,17 @@ _VALIDATED: set = set()
 _MAX_VALIDATED = 4096
 
 
-def validate_inputs_once(
-    q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-    kv_start, kv_end, *, for_kernel: bool,
-) -> None:
+def validate_inputs_once(q, k, v, scale, kv_start, kv_end, *, for_kernel: bool) -> None:
     """:func:`validate_inputs`, run once per call signature (types, shapes, dtypes, devices and the
-    scalar settings): a model calls the operator with one signature in every layer. While
-    torch.compile traces, the check runs in full (it costs nothing at run time there)."""
+    scale): a model calls the operator with one signature in every layer. While torch.compile
+    traces, the check runs in full (it costs nothing at run time there)."""
     if torch.compiler.is_compiling():
-        validate_inputs(
-            q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-            kv_start, kv_end, for_kernel=for_kernel,
-        )
+        validate_inputs(q, k, v, scale, kv_start, kv_end, for_kernel=for_kernel)
         return
     try:
         key = (
             type(q), type(k), type(v), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
-            q.device, k.device, v.device, _scalar_signature(alpha), _scalar_signature(block_size),
-            _scalar_signature(sink_blocks), _scalar_signature(window_blocks), _scalar_signature(last_dense_blocks),
-            _scalar_signature(min_budget), _scalar_signature(scale), _tensor_signature(kv_start),
+            q.device, k.device, v.device, _scalar_signature(scale), _tensor_signature(kv_start),
             _tensor_signature(kv_end), for_kernel,
         )
         hash(key)
@@ -154,10 +121,7 @@ def validate_inputs_once(
         key = None
     if key is not None and key in _VALIDATED:
         return
-    validate_inputs(
-        q, k, v, alpha, block_size, sink_blocks, window_blocks, last_dense_blocks, min_budget, scale,
-        kv_start, kv_end, for_kernel=for_kernel,
-    )
+    validate_inputs(q, k, v, scale, kv_start, kv_end, for_kernel=for_kernel)
     if key is not None:
         if len(_VALIDATED) >= _MAX_VALIDATED:
             _VALIDATED.clear()

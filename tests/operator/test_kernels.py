@@ -241,15 +241,13 @@ def test_select_blocks_writes_every_count(device, monkeypatch):
 
 def test_custom_op_fake_matches_real():
     """The torch.library op's fake (meta) implementation agrees with the real one (torch.compile)."""
-    from fp_kernels.api import _flash_prefill_op
-
     dtype = DTYPES[0]
     device = "cuda" if ON_GPU else "cpu"
     q, k, v = make_inputs((1, 96, 96, 2, 1, 64, 32), dtype, device)
     for ranges in [(None, None), (torch.tensor([3], device=device), torch.tensor([96], device=device))]:
         with short_failure():
             torch.library.opcheck(
-                _flash_prefill_op, (q, k, v, *ranges, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto"),
+                torch.ops.fp_kernels.flash_prefill, (q, k, v, *ranges, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto"),
                 test_utils=("test_schema", "test_faketensor"),
             )
 

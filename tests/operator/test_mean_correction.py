@@ -247,13 +247,11 @@ def test_mean_correction_must_be_a_bool():
 
 
 def test_custom_op_fake_matches_real_with_mean_correction():
-    from fp_kernels.api import _flash_prefill_op
-
     device = "cuda" if ON_GPU else "cpu"
     q, k, v, *_ = make_case((1, 96, 96, 2, 1, 64, 32, 0.0, (0, 0, 0), None, ()), DTYPES[0], device)
     with short_failure():
         torch.library.opcheck(
-            _flash_prefill_op, (q, k, v, None, None, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto", True),
+            torch.ops.fp_kernels.flash_prefill, (q, k, v, None, None, 0.3, 32, 1, 1, 1, 0, 0.125, False, "auto", True),
             test_utils=("test_schema", "test_faketensor"),
         )
 

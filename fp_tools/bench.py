@@ -15,7 +15,7 @@ from fp_tools.args import HelpFormatter, UsageError, check_range, model_facts, p
 
 OPERATOR_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
 TTFT_LENGTHS = [4096, 8192, 16384, 32768]
-TTFT_MODELS = ("smollm2", "llama8b", "qwen2.5-7b", "qwen3moe")  # fp_tools.ttft.MODELS (tests/test_cli.py checks)
+TTFT_MODELS = ("smollm2", "llama8b", "qwen2.5-7b", "qwen3moe")  # fp_tools.ttft.MODELS (tests/tools/test_cli.py checks)
 # the random-weight shapes are built with this context (fp_tools.ttft.build_random)
 RANDOM_MODEL_CONTEXT = 262144
 # tokens generated after a needle prompt (the answer check of fp_tools.ttft.run_lengths)

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from support.real_weights import REQUIRE_ENV, unavailable
 
 import fp_patch
 from fp_patch import attention as fp_attention
@@ -22,16 +23,6 @@ NEEDLE = "The special magic number mentioned in this text is {code}."
 QUESTION = "What is the special magic number mentioned in the text? Answer using the text above."
 ANSWER_PREFIX = "The special magic number mentioned in the text is"  # the reply starts with the number
 CODE = "7482"
-REQUIRE_ENV = "FLASHPREFILL_REQUIRE_REAL"
-
-
-def unavailable(reason: str):
-    """Skip, or fail when ``FLASHPREFILL_REQUIRE_REAL=1`` says the real model must be there."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the real-weights test must run)", pytrace=False)
-    pytest.skip(reason)
-
-
 def essays() -> str:
     try:
         return essays_text()

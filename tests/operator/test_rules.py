@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import kernel_dtypes
 from fp_kernels import BlockRules, flash_prefill, flash_prefill_reference
 from fp_kernels.api import OP_SCHEMA
 from fp_kernels.rules import RULE_FIELDS
+from support.kernel_checks import kernel_dtypes
 
 from fp_patch import FlashPrefillConfig
 from fp_tools.synthetic import structured_qkv

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 import transformers
-from test_integration_real import unavailable
 
 from fp_tools import cli
 
@@ -88,16 +87,10 @@ def test_help_states_each_default_once(command):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from fp_patch.models import smollm2_path
-
-    try:
-        path = smollm2_path()
-    except FileNotFoundError as err:
-        unavailable(str(err))  # a failure under FLASHPREFILL_REQUIRE_REAL=1
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_integration import make_attention_local, padded_batch, positions, text_ids
+from support.tiny_models import make_attention_local, padded_batch, positions, text_ids
 from transformers import AutoModelForCausalLM
 
 import fp_patch

@@ -7,7 +7,6 @@ small sizes in fp16/fp32; on a GPU the same tests run in bf16/fp16 and add real 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,12 +14,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_GPU, kernel_dtypes
 from fp_kernels import (
     BlockRules,
-    block_scores_reference,
     flash_prefill,
-    flash_prefill_reference,
     pool_keys_reference,
     sparse_attention_reference,
 )
@@ -28,9 +24,20 @@ from fp_kernels.geometry import normalize_ranges, num_query_slots, slot_geometry
 from fp_kernels.pool import pool_keys
 from fp_kernels.select import select_blocks
 from fp_kernels.sparse_attention import sparse_attention
-from helpers import assert_close_to_reference, case_id, poison_allocator, short_failure
+from support.kernel_checks import (
+    ON_GPU,
+    assert_close_to_reference,
+    assert_selection_matches,
+    case_id,
+    kernel_dtypes,
+    poison_allocator,
+    short_failure,
+)
 
 from fp_tools.synthetic import random_block_lists, structured_qkv
+
+# every flash_prefill call in this file must run the Triton pipeline (tests/operator/conftest.py)
+pytestmark = pytest.mark.usefixtures("triton_calls")
 
 DTYPES = kernel_dtypes()
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
@@ -59,37 +66,6 @@ SHAPES = SHAPES_GPU if ON_GPU else SHAPES_CPU
 SHAPE_IDS = [case_id(*s[:6], bs=s[6]) for s in SHAPES]
 
 
-@pytest.fixture(autouse=True)
-def triton_calls(monkeypatch) -> list:
-    """Every ``flash_prefill`` call in this file must run the Triton pipeline: one that would go to the
-    PyTorch reference (``backend="auto"`` with inputs the kernels cannot take, or a broken interpreter
-    detection) fails instead of silently comparing the reference with itself. Returns the shapes of
-    ``q`` of the pipeline's calls, for tests to assert on."""
-    import fp_kernels.api
-    import fp_kernels.pipeline
-
-    calls: list = []
-    real_pipeline = fp_kernels.pipeline.flash_prefill_triton
-    real_reason = fp_kernels.api.kernel_backend_reason
-
-    def pipeline_spy(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return real_pipeline(*args, **kwargs)
-
-    def no_silent_reference(q):
-        reason = real_reason(q)
-        if reason is not None:
-            raise AssertionError(
-                f"flash_prefill would run the PyTorch reference instead of the Triton kernels: {reason}"
-            )
-        return None
-
-    # fp_kernels.api._run imports flash_prefill_triton at call time and looks kernel_backend_reason up globally
-    monkeypatch.setattr(fp_kernels.pipeline, "flash_prefill_triton", pipeline_spy)
-    monkeypatch.setattr(fp_kernels.api, "kernel_backend_reason", no_silent_reference)
-    return calls
-
-
 def make_inputs(shape, dtype, device, seed=0, topics=4):
     batch, q_len, k_len, hq, hkv, dim, bs = shape
     q, k, v = structured_qkv(batch, k_len, hq, hkv, dim, block_size=bs, topics=topics, seed=seed, device=device)
@@ -102,32 +78,6 @@ def reference_error_budget(q, k, v, index, count, bs, kv_start=None, kv_end=None
     ref_lowp = sparse_attention_reference(q, k, v, index, count, bs, kv_start=kv_start, kv_end=kv_end,
                                           round_probs=True)
     return ref32, ref_lowp
-
-
-def assert_selection_matches(q, k, info, alpha, bs, rules, kv_start=None, kv_end=None, margin=None):
-    """Kernel block lists equal the reference's, except for blocks whose fp32 score sits within
-    ``margin`` (nats) of the threshold, where input-precision rounding may decide either way."""
-    ref_out, ref_info = flash_prefill_reference(
-        q.float(), k.float(), k.float(), alpha, bs, **rules, kv_start=kv_start, kv_end=kv_end,
-        group_select=info.group_select, return_info=True,
-    )
-    if margin is None:
-        margin = 1e-4 if q.dtype == torch.float32 else 0.05
-    got = torch.stack([torch.stack([info.block_mask(b, h) for h in range(q.shape[2])])
-                       for b in range(q.shape[0])])
-    want = torch.stack([torch.stack([ref_info.block_mask(b, h) for h in range(q.shape[2])])
-                        for b in range(q.shape[0])])
-    if (got == want).all():
-        return
-    assert alpha > 0, "alpha=0 must select every visible block"
-    scores = block_scores_reference(q.float(), k.float(), bs, None, kv_start, kv_end)
-    row_max = scores.amax(-1, keepdim=True)
-    ambiguous = (scores - (row_max + math.log(alpha))).abs() < margin
-    if info.group_select:  # a group's union is ambiguous where any member head is
-        group = q.shape[2] // k.shape[2]
-        ambiguous = ambiguous.view(q.shape[0], -1, group, *ambiguous.shape[2:]).any(2).repeat_interleave(group, 1)
-    bad = (got != want) & ~ambiguous
-    assert not bad.any(), f"{int(bad.sum())} block decisions differ from the reference beyond rounding"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OLDEST = "4.57.6"
 OLD_DIR_ENV = "FLASHPREFILL_OLD_TRANSFORMERS"
 DEFAULT_OLD_DIR = Path.home() / ".cache" / "flashprefill" / f"transformers-{OLDEST}"
@@ -175,7 +175,7 @@ def test_tiny_model_suite_on_oldest_transformers():
     version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                              env=env, capture_output=True, text=True, timeout=300).stdout.strip()
     assert version == OLDEST
-    tests = [str(REPO / "tests" / name) for name in ("test_integration.py", "test_integration_routing.py")]
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_integration.py", "test_integration_routing.py")]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,

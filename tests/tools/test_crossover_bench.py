@@ -7,12 +7,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_integration import TEST_SETTINGS, build, text_ids
+from support.tiny_models import TEST_SETTINGS, build, text_ids
 
 import fp_patch
 from fp_patch.budget import budget_for_density
 
-SPEC = importlib.util.spec_from_file_location("crossover", Path(__file__).resolve().parent.parent / "benchmarks" /
+SPEC = importlib.util.spec_from_file_location("crossover", Path(__file__).resolve().parents[2] / "benchmarks" /
                                               "crossover.py")
 crossover = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(crossover)

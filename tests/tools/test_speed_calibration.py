@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_integration import needs_cuda
+from support.tiny_models import build, needs_cuda
 
 import fp_patch
 from fp_tools.speed_calibration import SpeedCalibration, calibrate_speed, crossover, slow_layers
@@ -55,8 +55,6 @@ def test_from_rows_apply_and_to_dict():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_calibrate_speed_refuses_the_cpu():
-    from test_integration import build
-
     model = build("llama", "sdpa")
     with pytest.raises(ValueError, match="CUDA GPU"):
         calibrate_speed(model, {64: torch.zeros(1, 64, dtype=torch.long)}, progress=False)

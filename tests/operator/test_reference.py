@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fp_kernels import block_scores_reference, flash_prefill_reference
-from helpers import case_id
+from support.kernel_checks import case_id
 
 from fp_tools.synthetic import structured_qkv
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_integration import DEVICE, LOCAL, build_pair, count_triton_pipeline, needs_cuda, text_ids
+from support.tiny_models import DEVICE, LOCAL, build_pair, needs_cuda, text_ids
 from transformers import AutoModelForCausalLM
 
 import fp_patch
 from fp_patch.config import is_decoder_attention
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def distinct(tensors: list[torch.Tensor]) -> int:
@@ -102,11 +102,11 @@ def tiny_llama_cuda(geometry: str, attn: str):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_fifty_sparse_prefills_on_the_gpu_give_one_logits_tensor(monkeypatch):
+def test_fifty_sparse_prefills_on_the_gpu_give_one_logits_tensor(triton_pipeline_calls):
     model = tiny_llama_cuda("llama8b", "flashprefill")
     fp_patch.configure(model, min_sparse_len=1024, backend="triton")
     ids = torch.randint(0, 512, (1, 4096), generator=torch.Generator().manual_seed(0)).cuda()
-    calls = count_triton_pipeline(monkeypatch)
+    calls = triton_pipeline_calls
     with torch.no_grad():
         outs = [model(input_ids=ids).logits for _ in range(50)]
     assert len(calls) == 50 * 2, "not every layer of every pass ran the sparse Triton pipeline"
@@ -117,7 +117,7 @@ def test_fifty_sparse_prefills_on_the_gpu_give_one_logits_tensor(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_below_min_sparse_len_is_bit_identical_to_sdpa_on_the_gpu(geometry, monkeypatch):
+def test_below_min_sparse_len_is_bit_identical_to_sdpa_on_the_gpu(geometry, triton_pipeline_calls):
     """The model's default min_sparse_len (fp_patch.MODEL_DEFAULTS["llama"]): a shorter prompt runs
     Transformers' own SDPA call in every layer, so the logits are those of the sdpa model, bit for bit."""
     fp = tiny_llama_cuda(geometry, "flashprefill")
@@ -126,7 +126,7 @@ def test_below_min_sparse_len_is_bit_identical_to_sdpa_on_the_gpu(geometry, monk
     min_sparse_len = fp_patch.get_config(fp).min_sparse_len
     assert min_sparse_len == fp_patch.MODEL_DEFAULTS["llama"]["min_sparse_len"]
     ids = torch.randint(0, 512, (1, min_sparse_len - 1), generator=torch.Generator().manual_seed(1)).cuda()
-    calls = count_triton_pipeline(monkeypatch)
+    calls = triton_pipeline_calls
     with torch.no_grad():
         got = [fp(input_ids=ids).logits for _ in range(3)]
         want = ref(input_ids=ids).logits

@@ -6,12 +6,10 @@ import logging
 
 import pytest
 import torch
-from conftest import ON_GPU, kernel_dtypes
 from fp_kernels import flash_prefill, flash_prefill_reference, sparse_attention_reference
-from helpers import assert_close_to_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_kernels import assert_selection_matches
+from support.kernel_checks import ON_GPU, assert_close_to_reference, assert_selection_matches, kernel_dtypes
 
 from fp_tools.synthetic import structured_qkv
 

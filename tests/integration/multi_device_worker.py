@@ -1,6 +1,7 @@
-"""Tensor-parallel worker of tests/test_multi_device.py: two CPU processes (gloo), started by torchrun.
+"""Tensor-parallel worker of tests/integration/test_multi_device.py: two CPU processes (gloo), started by torchrun.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/multi_device_worker.py MODEL_DIR WORK_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/integration/multi_device_worker.py \\
+        MODEL_DIR WORK_DIR
 
 Each rank loads MODEL_DIR with Transformers' tensor parallelism (the model's own ``base_model_tp_plan``:
 q/k/v column-sharded, so each rank holds whole attention heads), runs ``WORK_DIR/inputs.pt`` with

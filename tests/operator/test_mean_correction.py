@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from conftest import ON_GPU, kernel_dtypes
 from fp_kernels import (
     BlockRules,
     flash_prefill,
@@ -25,10 +24,19 @@ from fp_kernels import (
 from fp_kernels.geometry import normalize_ranges
 from fp_kernels.pool import pool_keys
 from fp_kernels.sparse_attention import sparse_attention
-from helpers import assert_close_to_reference, case_id, poison_allocator, short_failure
-from test_kernels import triton_calls  # noqa: F401  (autouse: every flash_prefill call here runs the kernels)
+from support.kernel_checks import (
+    ON_GPU,
+    assert_close_to_reference,
+    case_id,
+    kernel_dtypes,
+    poison_allocator,
+    short_failure,
+)
 
 from fp_tools.synthetic import random_block_lists, structured_qkv
+
+# every flash_prefill call in this file must run the Triton pipeline (tests/operator/conftest.py)
+pytestmark = pytest.mark.usefixtures("triton_calls")
 
 DTYPES = kernel_dtypes()
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
@@ -135,7 +143,7 @@ def test_reference_matches_oracle(case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_flash_prefill_matches_oracle(case, dtype, device, monkeypatch, triton_calls):  # noqa: F811
+def test_flash_prefill_matches_oracle(case, dtype, device, monkeypatch, triton_calls):
     q, k, v, alpha, bs, kw, checks = make_case(case, dtype, device, seed=2)
     poisoned = poison_allocator(device, monkeypatch)
     out, info = flash_prefill(q, k, v, alpha, bs, **kw, mean_correction=True, return_info=True)
@@ -191,7 +199,7 @@ def test_sparse_attention_on_random_lists(shape, dtype, corr_chunk, device, monk
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_nothing_skipped_changes_nothing(dtype, device, triton_calls):  # noqa: F811
+def test_nothing_skipped_changes_nothing(dtype, device, triton_calls):
     """alpha=0 (the pipeline skips the correction: every block is listed) and every block listed given
     to the kernel with the correction on (the complement walk finds nothing): bit-equal outputs."""
     q, k, v, *_ = make_case((1, 300, 300, 4, 1, 64, 32, 0.0, (0, 0, 0), None, ()), dtype, device, seed=5)
@@ -206,7 +214,7 @@ def test_nothing_skipped_changes_nothing(dtype, device, triton_calls):  # noqa: 
 
 
 @pytest.mark.parametrize("side", ["left", "both"])
-def test_padded_rows_equal_rows_alone(side, device, monkeypatch, triton_calls):  # noqa: F811
+def test_padded_rows_equal_rows_alone(side, device, monkeypatch, triton_calls):
     """Under kv_start/kv_end every row gets exactly what it gets alone (blocks from kv_start, n_j of
     valid keys only); a fully padded row is 0; nothing is NaN."""
     dtype = DTYPES[0]
@@ -285,7 +293,7 @@ def test_config_field_round_trips_and_reaches_the_operator(monkeypatch):
     ``--impl flashprefill:mean_correction=true``, and the attention function passes it to the operator;
     on a tiny Llama with local attention the corrected logits are closer to the sdpa model's."""
     import fp_kernels
-    from test_integration import DTYPE, LOCAL, build_pair, forward, model_inputs
+    from support.tiny_models import DTYPE, LOCAL, build_pair, forward, model_inputs
 
     import fp_patch
     from fp_patch.config import FlashPrefillConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from test_integration import DEVICE, TEST_SETTINGS, build
+from support.tiny_models import DEVICE, TEST_SETTINGS, build
 
 from fp_patch import MODEL_DEFAULTS, defaults_for
 from fp_tools import bench, ttft

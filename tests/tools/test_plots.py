@@ -114,7 +114,7 @@ def test_block_map_hatches_the_always_computed_blocks(rec):
         hatched = [c for c in ax.collections if c.get_label() == plots.ALWAYS_KEPT]
         assert len(hatched) == 1 and hatched[0].get_hatch() == "////"
         assert len(hatched[0].get_paths()) == int(forced.sum())
-    assert "hatched: always computed" in fig._suptitle.get_text()
+    assert "hatched: always computed" in fig.get_suptitle()
 
 
 @pytest.mark.parametrize("rules", [(2, 4, 2), (1, 2, 1), (0, 1, 0)], ids=str)

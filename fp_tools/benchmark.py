@@ -293,8 +293,7 @@ def mean_correction_table(results: dict) -> str:
     ]
     for r in results["rows"]:
         def g(key, fmt="{:.3f}", r=r):
-            value = r.get(key)
-            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+            return cell(r, key, fmt)
 
         lines.append(
             f"| {r['seq_len'] // KIB}K | {g('full_head_density', '{:.1%}')} | {g('mean_corr_plain_graph_ms')} "
@@ -311,10 +310,15 @@ def _build_index(q, k, seq_len, rules):
     return select_blocks(q, pool_keys(k, rules.block_size), seq_len, rules)
 
 
+def cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    """``row[key]`` formatted with ``fmt``, or ``-`` where the row has no number for it."""
+    value = row.get(key)
+    return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+
 def format_row(row: dict) -> str:
     def g(key, fmt="{:.2f}"):
-        value = row.get(key)
-        return fmt.format(value) if isinstance(value, (int, float)) else "-"
+        return cell(row, key, fmt)
 
     return (
         f"L={row['seq_len']:>6} | flash {g('sdpa_flash_ms')} ms | cudnn {g('sdpa_cudnn_ms')} ms "
@@ -340,8 +344,7 @@ def markdown_table(results: dict) -> str:
     ]
     for r in results["rows"]:
         def g(key, fmt="{:.2f}", r=r):
-            value = r.get(key)
-            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+            return cell(r, key, fmt)
 
         lines.append(
             f"| {r['seq_len'] // KIB}K | {g('sdpa_flash_ms')} | {g('sdpa_cudnn_ms')} "

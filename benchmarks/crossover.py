@@ -123,8 +123,9 @@ def main(argv=None) -> int:
     import fp_patch
     from fp_patch.budget import budget_for_density
     from fp_tools.benchmark import environment
+    from fp_tools.provenance import git_commit
     from fp_tools.speed_calibration import crossover
-    from fp_tools.ttft import build_random, git_commit, prompt_inputs
+    from fp_tools.ttft import build_random, prompt_inputs
 
     started = time.perf_counter()
     results = {"environment": environment(), "commit": git_commit(), "repeats": args.repeats,
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         else:
             model, tokenizer = build_random(name, args.layers, "cuda"), None
             note = f"{name} shape, random weights, {model.config.num_hidden_layers} layers, fixed density (curve)"
-        base = fp_patch.defaults_for(model.config.model_type).replace(min_sparse_len=2)
+        base = fp_patch.model_defaults(model.config).replace(min_sparse_len=2)
         summary = results["models"][name] = {"note": note, "crossover": None}
         for length in args.lengths:
             if time.perf_counter() - started > args.max_seconds:

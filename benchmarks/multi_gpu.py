@@ -167,7 +167,7 @@ def settings(args) -> dict:
 def configure(model, args, **overrides):
     import fp_patch
 
-    defaults = fp_patch.defaults_for(model.config.model_type)
+    defaults = fp_patch.model_defaults(model.config)
     return fp_patch.configure(model, defaults, **{**settings(args), **overrides})
 
 

@@ -41,7 +41,7 @@ model = AutoModelForCausalLM.from_pretrained(
 ).to(device).eval()
 
 # every other knob: the per-model defaults, with blocks and min_sparse_len fitted to the length
-base = fp_patch.defaults_for(model.config.model_type)
+base = fp_patch.model_defaults(model.config)
 base = base.replace(block_size=args.block_size, min_sparse_len=min(base.min_sparse_len, args.length // 2))
 result = calibrate(model, tokenizer, target_density=args.target, length=args.length, prompts=1, base=base,
                    max_steps=args.steps)

@@ -231,7 +231,7 @@ def run_lengths(model, tokenizer, args, log=print, rows: list | None = None, on_
     import fp_patch
 
     rows = [] if rows is None else rows
-    defaults = fp_patch.defaults_for(model.config.model_type)
+    defaults = fp_patch.model_defaults(model.config)
     alpha = args.alpha if args.alpha is not None else defaults.alpha
     min_sparse_len = args.min_sparse_len if args.min_sparse_len is not None else defaults.min_sparse_len
     variants = [v for v in _variants(args.densities) if v[1] == "sdpa" or not args.only or v[1] in args.only]
@@ -312,7 +312,7 @@ def run_ten_lengths(model, tokenizer, args, log=print) -> dict:
     for impl in ("sdpa", "flashprefill"):
         model.set_attn_implementation(impl)
         if impl == "flashprefill":
-            defaults = fp_patch.defaults_for(model.config.model_type)
+            defaults = fp_patch.model_defaults(model.config)
             min_sparse_len = args.min_sparse_len if args.min_sparse_len is not None else defaults.min_sparse_len
             fp_patch.configure(model, defaults.replace(min_sparse_len=min_sparse_len))
         totals = {"one_length": 0.0, "ten_lengths": 0.0}

@@ -72,7 +72,7 @@ def main(model_dir: str, work_dir: str) -> None:
     ids = torch.load(work / "inputs.pt")
     model, api = load_sharded(model_dir)
     result = {"api": api, "world": dist.get_world_size()}
-    defaults = fp_patch.defaults_for(model.config.model_type)
+    defaults = fp_patch.model_defaults(model.config)
     with torch.no_grad():
         result["sdpa"] = logits(model, ids)
         model.set_attn_implementation("flashprefill")

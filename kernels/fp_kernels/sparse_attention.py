@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_enabled
+from .fastmath import exp2_split
 from .geometry import normalize_ranges
 from .pool import LENGTH_ARGS, launch_device, valid_range
 from .select import slot_rows
@@ -44,7 +45,7 @@ def _load_tile(desc, ptrs, u0, u, n, d_ok, MASKED: tl.constexpr, USE_TMA: tl.con
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.constexpr):
+def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.constexpr, FMA_SHARE: tl.constexpr):
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where((u[None, :] <= t[:, None]) & (u < n)[None, :], qk, float("-inf"))
@@ -52,7 +53,7 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
     if MASKED:
         # a row with no valid key keeps a finite pivot, so it yields 0 instead of NaN
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk * scale_log2 - m_new[:, None])
+    p = exp2_split(qk * scale_log2 - m_new[:, None], FMA_SHARE)
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
@@ -114,6 +115,7 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr,
+    FMA_SHARE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -159,13 +161,19 @@ def _sparse_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # every listed block but the last: fully valid and fully below the diagonal
+    kb_next = tl.load(index_base, mask=count > 1, other=0)
     for it in tl.range(0, (count - 1) * TILES_N, warp_specialize=WARP_SPECIALIZE):
-        kb = tl.load(index_base + it // TILES_N)
+        if PREFETCH_INDEX:
+            # the next id is loaded one step ahead, off the address path of this step's tiles
+            kb = kb_next
+            kb_next = tl.load(index_base + (it + 1) // TILES_N, mask=it + 1 < (count - 1) * TILES_N, other=0)
+        else:
+            kb = tl.load(index_base + it // TILES_N)
         u0 = (kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N).to(tl.int64)
         u = u0 + cols
         k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
         v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, False)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, False, FMA_SHARE)
     if count > 0:
         kb = tl.load(index_base + count - 1)
         for sub in range(0, TILES_N):
@@ -173,7 +181,7 @@ def _sparse_attention_kernel(
             u = u0 + cols
             k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
             v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True, FMA_SHARE)
     if MEAN_CORRECTION:
         # skipped blocks before the query block (j < qb): every row of the slot sees all of them
         mean_off = b.to(tl.int64) * stride_mb + hkv * stride_mh
@@ -320,6 +328,8 @@ def sparse_attention(
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr_chunk = cfg.pop("CORR_CHUNK", _CORR_CHUNK)
+    fma_share = cfg.pop("FMA_SHARE", 0)
+    prefetch_index = cfg.pop("PREFETCH_INDEX", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
         _sparse_attention_kernel[grid](
@@ -338,6 +348,7 @@ def sparse_attention(
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
             MEAN_CORRECTION=mean_correction, CORR_CHUNK=corr_chunk,
+            FMA_SHARE=fma_share, PREFETCH_INDEX=prefetch_index,
             **cfg,
         )
     return out

@@ -1,0 +1,140 @@
+"""Kernel routes of issue 17, measured side by side on one GPU (each variant checked before timing).
+
+    python benchmarks/routes_operator.py --part sparse     # main-loop variants of the sparse forward
+    python benchmarks/routes_operator.py --part select     # scoring-pass variants (index building)
+    python benchmarks/routes_operator.py --part tiles --head-dim 64 --heads 14 --kv-heads 2
+
+``sparse``: the default tile config against exp2 partly (``FMA_SHARE=1``) or wholly (``2``) on the FMA
+units (:mod:`fp_kernels.fastmath`), software-pipelined block-id loads (``PREFETCH_INDEX``) and TMA
+loads, on random block lists at 6 / 60 / 100 % density. ``select``: the scoring pass with rows x
+blocks (today) or blocks x rows (``TRANSPOSED``) dots, per chunk width and warp count, with its
+selection compared to the default's. ``tiles``: the sparse forward's tile space for one head dim.
+Every line: CUDA-graph median ms, TFLOP/s of computed work, realised density, the variant.
+"""
+
+import argparse
+import itertools
+import json
+from functools import partial
+
+import torch
+from fp_kernels import BlockRules
+from fp_kernels.pool import pool_keys
+from fp_kernels.select import select_blocks
+from fp_kernels.sparse_attention import sparse_attention
+from triton.testing import do_bench_cudagraph
+
+from fp_tools.benchmark import causal_flops, environment, list_density, spot_check
+from fp_tools.synthetic import random_block_lists, structured_qkv
+
+
+def graph_ms(fn) -> float:
+    return float(do_bench_cudagraph(fn, rep=60, return_mode="median"))
+
+
+def sparse_variants(head_dim: int) -> list[dict]:
+    base = [{}, {"FMA_SHARE": 1}, {"FMA_SHARE": 2}, {"PREFETCH_INDEX": True}, {"USE_TMA": True}]
+    return base if head_dim == 128 else base[:1] + base[3:]
+
+
+def tile_space(head_dim: int) -> list[dict]:
+    if head_dim <= 64:
+        shapes = [(128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)]
+        stages = (2, 3, 4)
+    else:
+        shapes = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 32, 8)]
+        stages = (1, 2)
+    return [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WARP_SPECIALIZE": ws}
+        for (bm, bn, w), st, ws in itertools.product(shapes, stages, (False, True))
+    ]
+
+
+def time_sparse(rows, q, k, v, lists, seq_len, configs, flops_dense, tag):
+    for density_target, (index, count) in lists.items():
+        density = list_density(count, seq_len, seq_len, 128)
+        for cfg in configs:
+            line = {"part": tag, "L": seq_len, "D": q.shape[-1], "target": density_target, "density": density,
+                    "config": cfg}
+            try:
+                out = sparse_attention(q, k, v, index, count, 128, config=cfg)
+                err = spot_check(q, k, v, out, index, count, 128, rows=24)
+                if err > 2e-2 or torch.isnan(out).any():
+                    line["wrong"] = err
+                else:
+                    ms = graph_ms(partial(sparse_attention, q, k, v, index, count, 128, config=cfg))
+                    line.update(ms=ms, tflops=density * flops_dense / ms / 1e9)
+            except Exception as exc:  # out of shared memory or registers, or unsupported here
+                line["failed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(line)
+            print(json.dumps(line), flush=True)
+
+
+def part_sparse(args, rows):
+    for seq_len in args.lengths:
+        q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
+                                 device="cuda", seed=seq_len)
+        lists = {t: random_block_lists(1, args.heads, seq_len, seq_len, 128, t, device="cuda", seed=seq_len)
+                 for t in (0.06, 0.6, 1.0)}
+        configs = sparse_variants(args.head_dim) if args.part == "sparse" else tile_space(args.head_dim)
+        if args.part == "tiles":
+            lists = {t: lists[t] for t in (0.06, 0.6)}
+        time_sparse(rows, q, k, v, lists, seq_len, configs, causal_flops(1, args.heads, seq_len, seq_len,
+                                                                          args.head_dim), args.part)
+        torch.cuda.empty_cache()
+
+
+def part_select(args, rows):
+    rules = BlockRules(alpha=0.18, block_size=128)
+    space = [{"CHUNK": c, "num_warps": w, "TRANSPOSED": tr} for tr, c, w in itertools.product(
+        (False, True), (32, 64, 128), (4, 8))]
+    for seq_len in args.lengths:
+        q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
+                                 device="cuda", seed=seq_len)
+        kbar = pool_keys(k, 128)
+        ref_index, ref_count = select_blocks(q, kbar, seq_len, rules)
+        ref_mask = _mask(ref_index, ref_count)
+        line = {"part": "pool", "L": seq_len, "D": args.head_dim, "ms": graph_ms(partial(pool_keys, k, 128))}
+        rows.append(line)
+        print(json.dumps(line), flush=True)
+        for cfg in space:
+            line = {"part": "select", "L": seq_len, "D": args.head_dim, "config": cfg}
+            try:
+                index, count = select_blocks(q, kbar, seq_len, rules, config=cfg)
+                line["decisions_differing"] = float((_mask(index, count) != ref_mask).float().mean())
+                line["density"] = list_density(count, seq_len, seq_len, 128)
+                line["ms"] = graph_ms(partial(select_blocks, q, kbar, seq_len, rules, config=cfg))
+            except Exception as exc:
+                line["failed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(line)
+            print(json.dumps(line), flush=True)
+        torch.cuda.empty_cache()
+
+
+def _mask(index, count):
+    nkb = index.shape[-1]
+    j = torch.arange(nkb, device=index.device)
+    valid = j < count[..., None]
+    mask = torch.zeros(*index.shape[:-1], nkb + 1, dtype=torch.bool, device=index.device)
+    mask.scatter_(-1, torch.where(valid, index.long(), nkb), True)
+    return mask[..., :nkb]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("sparse", "select", "tiles"), required=True)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--out", default=None, help="append the JSON lines here")
+    args = parser.parse_args()
+    rows = []
+    {"sparse": part_sparse, "tiles": part_sparse, "select": part_select}[args.part](args, rows)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps({"environment": environment(), "args": vars(args), "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

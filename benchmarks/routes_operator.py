@@ -5,10 +5,11 @@
     python benchmarks/routes_operator.py --part tiles --head-dim 64 --heads 14 --kv-heads 2
 
 ``sparse``: the default tile config against exp2 partly (``FMA_SHARE=1``) or wholly (``2``) on the FMA
-units (:mod:`fp_kernels.fastmath`), software-pipelined block-id loads (``PREFETCH_INDEX``) and TMA
-loads, on random block lists at 6 / 60 / 100 % density. ``select``: the scoring pass with rows x
-blocks (today) or blocks x rows (``TRANSPOSED``) dots, per chunk width and warp count, with its
+units (:mod:`fp_kernels.fastmath`), with and without warp specialisation, on random block lists at
+6 / 60 / 100 % density. ``select``: the scoring pass per chunk width and warp count, with its
 selection compared to the default's. ``tiles``: the sparse forward's tile space for one head dim.
+(Measured earlier and folded in: block ids loaded one step ahead, blocks x rows scoring dots; TMA
+loads lost. See benchmarks/README.md.)
 Every line: CUDA-graph median ms, TFLOP/s of computed work, realised density, the variant.
 """
 
@@ -33,8 +34,8 @@ def graph_ms(fn) -> float:
 
 
 def sparse_variants(head_dim: int) -> list[dict]:
-    base = [{}, {"FMA_SHARE": 1}, {"FMA_SHARE": 2}, {"PREFETCH_INDEX": True}, {"USE_TMA": True}]
-    return base if head_dim == 128 else base[:1] + base[3:]
+    return [{}, {"WARP_SPECIALIZE": False}, {"FMA_SHARE": 1}, {"FMA_SHARE": 2},
+            {"FMA_SHARE": 1, "WARP_SPECIALIZE": False}, {"FMA_SHARE": 2, "WARP_SPECIALIZE": False}]
 
 
 def tile_space(head_dim: int) -> list[dict]:
@@ -65,7 +66,7 @@ def time_sparse(rows, q, k, v, lists, seq_len, configs, flops_dense, tag):
                     ms = graph_ms(partial(sparse_attention, q, k, v, index, count, 128, config=cfg))
                     line.update(ms=ms, tflops=density * flops_dense / ms / 1e9)
             except Exception as exc:  # out of shared memory or registers, or unsupported here
-                line["failed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                line["failed"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
             rows.append(line)
             print(json.dumps(line), flush=True)
 
@@ -86,8 +87,7 @@ def part_sparse(args, rows):
 
 def part_select(args, rows):
     rules = BlockRules(alpha=0.18, block_size=128)
-    space = [{"CHUNK": c, "num_warps": w, "TRANSPOSED": tr} for tr, c, w in itertools.product(
-        (False, True), (32, 64, 128), (4, 8))]
+    space = [{"CHUNK": c, "num_warps": w} for c, w in itertools.product((32, 64, 128), (4, 8))]
     for seq_len in args.lengths:
         q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
                                  device="cuda", seed=seq_len)
@@ -105,7 +105,7 @@ def part_select(args, rows):
                 line["density"] = list_density(count, seq_len, seq_len, 128)
                 line["ms"] = graph_ms(partial(select_blocks, q, kbar, seq_len, rules, config=cfg))
             except Exception as exc:
-                line["failed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                line["failed"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
             rows.append(line)
             print(json.dumps(line), flush=True)
         torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from .geometry import num_key_blocks, num_query_slots
 from .pool import LENGTH_ARGS, launch_device, valid_range
 from .rules import BlockRules
 
-_CHUNK = 32  # key blocks scored per dot (on Hopper 32 is faster than 64 or 128: benchmarks/sweep_tiles.py --index)
+_CHUNK = 64  # key blocks scored per dot (H200, D=64/128/256: benchmarks/routes_operator.py --part select)
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 
@@ -44,7 +44,7 @@ def _score_row(
     q_base, stride_ql, kbar_base, stride_kj,
     row_base, t_lo, t_hi, qb, n_vis, n, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
     """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere.
 
@@ -78,20 +78,14 @@ def _score_row(
                     mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
                 )
             last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
-            if TRANSPOSED:
-                # blocks x rows: the reduction over rows runs along the MMA's N axis, inside each warp
-                s = tl.dot(kbar.to(q.dtype), tl.trans(q)) * scale_log2
-                s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            else:
-                s = tl.dot(q, tl.trans(kbar.to(q.dtype))) * scale_log2
-                s = tl.where(row_ok[:, None] & (t[:, None] >= last_key[None, :]), s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=0))
-                # every slot has a valid row, so m_new is finite after the first tile with one
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[None, :]), axis=0)
+            # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
+            # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
+            s = tl.dot(kbar.to(q.dtype), tl.trans(q)) * scale_log2
+            s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            # every slot has a valid row, so m_new is finite after the first tile with one
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m = m_new
         t_chunk = tl.where(j < n_vis, m + tl.log2(acc), float("-inf"))
         scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
@@ -110,7 +104,7 @@ def _select_blocks_kernel(
     sink_blocks, window_blocks, last_dense_blocks, min_budget,
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr, SCORE: tl.constexpr, HAS_BUDGET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr, TRANSPOSED: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr,
 ):
     s = n_slots - 1 - tl.program_id(0)  # long rows first
     bh = tl.program_id(1)
@@ -146,7 +140,7 @@ def _select_blocks_kernel(
                 Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_ql,
                 KBAR + b.to(tl.int64) * stride_kb + hkv * stride_kh, stride_kj,
                 row_base, t_lo, t_hi, qb, n_vis, end - start, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS, TRANSPOSED,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS,
             )
             keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha
             if HAS_BUDGET:
@@ -217,7 +211,7 @@ def select_blocks(
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
         kbar = q.new_zeros(1, 1, 1, dim)
-    cfg = {"CHUNK": _CHUNK, "num_warps": 4, "TRANSPOSED": False}
+    cfg = {"CHUNK": _CHUNK, "num_warps": 4}
     cfg.update(config or {})
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))

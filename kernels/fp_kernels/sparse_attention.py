@@ -115,7 +115,7 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr,
-    FMA_SHARE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    FMA_SHARE: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -161,14 +161,13 @@ def _sparse_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # every listed block but the last: fully valid and fully below the diagonal
-    kb_next = tl.load(index_base, mask=count > 1, other=0)
-    for it in tl.range(0, (count - 1) * TILES_N, warp_specialize=WARP_SPECIALIZE):
-        if PREFETCH_INDEX:
-            # the next id is loaded one step ahead, off the address path of this step's tiles
-            kb = kb_next
-            kb_next = tl.load(index_base + (it + 1) // TILES_N, mask=it + 1 < (count - 1) * TILES_N, other=0)
-        else:
-            kb = tl.load(index_base + it // TILES_N)
+    # the block ids are loaded one step ahead, off the address path of each step's tiles (H200: up to
+    # 1.08x at 60-100 % density)
+    n_steps = (count - 1) * TILES_N
+    kb_next = tl.load(index_base, mask=n_steps > 0, other=0)
+    for it in tl.range(0, n_steps, warp_specialize=WARP_SPECIALIZE):
+        kb = kb_next
+        kb_next = tl.load(index_base + (it + 1) // TILES_N, mask=it + 1 < n_steps, other=0)
         u0 = (kb * BLOCK_SIZE + (it % TILES_N) * BLOCK_N).to(tl.int64)
         u = u0 + cols
         k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
@@ -329,7 +328,6 @@ def sparse_attention(
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr_chunk = cfg.pop("CORR_CHUNK", _CORR_CHUNK)
     fma_share = cfg.pop("FMA_SHARE", 0)
-    prefetch_index = cfg.pop("PREFETCH_INDEX", False)
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
         _sparse_attention_kernel[grid](
@@ -348,7 +346,7 @@ def sparse_attention(
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
             MEAN_CORRECTION=mean_correction, CORR_CHUNK=corr_chunk,
-            FMA_SHARE=fma_share, PREFETCH_INDEX=prefetch_index,
+            FMA_SHARE=fma_share,
             **cfg,
         )
     return out

@@ -1,8 +1,8 @@
-"""Operator benchmark (also ``flashprefill bench``): dense SDPA flash/cuDNN vs FlashPrefill.
+"""Operator benchmark (also ``flashprefill bench``): dense SDPA flash/cuDNN and FlexAttention vs FlashPrefill.
 
     python benchmarks/bench_operator.py --out benchmarks/results/operator_h100.json
 
-Writes the JSON results and prints a Markdown table (copied into benchmarks/README.md). The flags
+Writes the JSON results and prints the Markdown tables (copied into benchmarks/README.md). The flags
 are those of ``flashprefill bench --help`` (fp_tools.bench).
 """
 

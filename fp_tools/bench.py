@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     op = parser.add_argument_group("operator benchmark (without --ttft)")
     op.add_argument("--heads", type=int, default=None, help="query heads (default 32)")
     op.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 8)")
-    op.add_argument("--head-dim", type=int, default=None, help="head dimension (default 128)")
+    op.add_argument("--head-dim", type=int, default=None, help="head dimension: 64, 80, 96, 128 or 256 (default 128)")
     add_ttft_arguments(parser.add_argument_group("time to first token (with --ttft)"))
 
 
@@ -117,6 +117,11 @@ def check(args) -> None:
             check_range(getattr(args, key), f"--{key.replace('_', '-')}", 1)
         if args.heads % args.kv_heads:
             raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (GQA)")
+        from fp_kernels.validation import SUPPORTED_HEAD_DIMS
+
+        if args.head_dim not in SUPPORTED_HEAD_DIMS:
+            supported = ", ".join(map(str, SUPPORTED_HEAD_DIMS))
+            raise UsageError(f"--head-dim {args.head_dim}: the kernels support {supported}")
         args.alpha = 0.18 if args.alpha is None else args.alpha
         args.out = args.out or Path("bench_operator.json")
         if not torch.cuda.is_available():

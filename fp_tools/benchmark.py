@@ -1,18 +1,24 @@
-"""Operator benchmark: dense SDPA (flash and cuDNN backends) against FlashPrefill, in one run.
+"""Operator benchmark: dense SDPA (flash and cuDNN backends) and PyTorch FlexAttention against
+FlashPrefill, in one run.
 
 ``flashprefill bench`` and ``benchmarks/bench_operator.py`` run this. Every sparse timing is
 printed with its measured density; correctness is checked before anything is timed (a timing is
 never reported for a configuration whose check failed); results are saved as JSON with the GPU
 name, versions and date.
+
+FlexAttention runs on the sparse forward's own random block lists (:func:`flex_block_mask`), so both
+sparse engines compute the same blocks at the same density.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,8 @@ from .provenance import git_commit
 from .synthetic import random_block_lists, structured_qkv
 
 KIB = 1024
+# target density of the lists with every causal block: the sparse forward alone runs there too
+ALL_BLOCKS = 1.0
 
 
 def causal_flops(batch: int, heads: int, q_len: int, k_len: int, dim: int) -> float:
@@ -79,6 +87,97 @@ def dense_attention(q, k, v, backend: str):
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
     return run
+
+
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    """FlexAttention ``mask_mod`` of causal attention with ``Lq == Lk``."""
+    return q_idx >= kv_idx
+
+
+def flex_block_mask(block_index: torch.Tensor, block_count: torch.Tensor, seq_len: int, block_size: int = 128):
+    """A FlexAttention ``BlockMask`` that computes exactly the listed blocks, causally (``Lq == Lk``).
+
+    ``block_index [B, H, S, nkb]`` int32 with ascending ids, the first ``block_count [B, H, S]`` valid,
+    ``S == nkb == ceil(seq_len / block_size)`` (slot ``s`` is query block ``s``). Listed blocks before
+    the query block are *full* (computed without a mask); the diagonal block, when listed, is the only
+    *partial* one (:func:`causal_mask_mod`); blocks after it are never visible. Every index tensor is
+    ``[B, H, S, nkb]`` int32 and holds valid block ids past its counts too (FlexAttention's kernel
+    asserts on out-of-range ones). For GQA pass per-query-head lists (``H = Hq``) and call
+    ``flex_attention(..., enable_gqa=True)``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_blocks = -(-seq_len // block_size)
+    if block_index.dim() != 4 or tuple(block_index.shape[-2:]) != (n_blocks, n_blocks):
+        raise ValueError(f"block_index must be [B, H, {n_blocks}, {n_blocks}] for seq_len {seq_len} and block_size "
+                         f"{block_size} (Lq == Lk), got {tuple(block_index.shape)}")
+    if tuple(block_count.shape) != tuple(block_index.shape[:-1]):
+        raise ValueError(f"block_count must be {tuple(block_index.shape[:-1])}, got {tuple(block_count.shape)}")
+    diagonal = torch.arange(n_blocks, device=block_index.device)[:, None]  # [S, 1]: query block of each slot
+    listed = torch.arange(n_blocks, device=block_index.device) < block_count[..., None]
+    ids = block_index.long()
+    full = listed & (ids < diagonal)  # a prefix of the ascending list
+    full_idx = torch.where(full, ids, 0).to(torch.int32)
+    partial_counts = (listed & (ids == diagonal)).any(-1).to(torch.int32)
+    partial_idx = diagonal.to(torch.int32).expand(block_index.shape).contiguous()
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=partial_counts, kv_indices=partial_idx,
+        full_kv_num_blocks=full.sum(-1, dtype=torch.int32), full_kv_indices=full_idx,
+        BLOCK_SIZE=block_size, mask_mod=causal_mask_mod, seq_lengths=(seq_len, seq_len))
+
+
+@functools.cache
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, built once per process. ``dynamic=False``: one kernel specialised to
+    each length, as a caller with fixed shapes gets. ``fullgraph=True``: past dynamo's recompile limit (8
+    shapes by default) a call raises instead of falling back to eager ``flex_attention``, which evaluates
+    ``mask_mod`` over the whole ``L x L`` score matrix and ignores the block lists."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def flex_attention_runner(q, k, v, block_mask):
+    """Compiled FlexAttention on ``[B, L, H, D]`` inputs (passed as ``[B, H, L, D]`` views, GQA native): a
+    function of no arguments returning ``[B, Hq, L, D]``."""
+    flex = compiled_flex_attention()
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def run():
+        return flex(qt, kt, vt, block_mask=block_mask, enable_gqa=True)
+
+    return run
+
+
+def limit_ms(cudnn_ms: float, density: float, block_size: int) -> float:
+    """The limit model's time of the whole operator: all its work at cuDNN's dense rate. The work is the
+    computed blocks (``density`` of dense causal attention) plus the scoring, one pooled key per block
+    (``1 / block_size`` of it)."""
+    return cudnn_ms * (density + 1.0 / block_size)
+
+
+def sparse_key(target: float) -> str:
+    """Row key prefix of the sparse forward alone at a target density: ``sparse_6pct`` .. ``sparse_100pct``."""
+    return f"sparse_{round(target * 100)}pct"
+
+
+def add_ratios(row: dict, block_size: int, targets) -> None:
+    """Ratios of a row's measured numbers (nothing new is measured): ``limit_ms`` and ``full_head_vs_limit``
+    for the per-head operator (:func:`limit_ms`, with cuDNN's own time only), and at every target
+    density ours against FlexAttention and against cuDNN in TFLOP/s (``*_vs_flex``, ``*_vs_cudnn``)."""
+    if "sdpa_cudnn_ms" in row and "full_head_density" in row:
+        row["limit_ms"] = limit_ms(row["sdpa_cudnn_ms"], row["full_head_density"], block_size)
+        if "full_head_ms" in row:
+            row["full_head_vs_limit"] = row["full_head_ms"] / row["limit_ms"]
+    for target in targets:
+        key = sparse_key(target)
+        ours = row.get(f"{key}_tflops_computed")
+        if ours is None:
+            continue
+        if f"{key}_flex_tflops_computed" in row:
+            row[f"{key}_vs_flex"] = ours / row[f"{key}_flex_tflops_computed"]
+        if "sdpa_cudnn_tflops" in row:
+            row[f"{key}_vs_cudnn"] = ours / row["sdpa_cudnn_tflops"]
 
 
 def spot_check(q, k, v, out, block_index, block_count, block_size, rows=64, seed=0, mean_correction=False) -> float:
@@ -187,11 +286,14 @@ def run_benchmark(
     if not torch.cuda.is_available():
         raise RuntimeError("the operator benchmark needs a CUDA GPU")
     rules = BlockRules(alpha=alpha, block_size=block_size, sink_blocks=2, window_blocks=4, last_dense_blocks=2)
+    targets = (ALL_BLOCKS, *densities)
     results = {"environment": environment(), "shape": {
         "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
         "block_size": block_size, "alpha": alpha, "sink_blocks": rules.sink_blocks,
         "window_blocks": rules.window_blocks, "last_dense_blocks": rules.last_dense_blocks,
         "inputs": "fp_tools.synthetic.structured_qkv (sinks, local topics, clustered blocks)",
+        "sparse_targets": list(targets),
+        "sparse_lists": "fp_tools.synthetic.random_block_lists (diagonal always listed), shared by ours and Flex",
     }, "rows": []}
     from fp_kernels.sparse_attention import sparse_attention
 
@@ -238,30 +340,54 @@ def run_benchmark(
         row["index_graph_pct_of_cudnn"] = 100.0 * row["index_graph_ms"] / cudnn_ms
         row["full_head_graph_speedup_vs_cudnn"] = cudnn_ms / row.get("full_head_graph_ms", math.inf)
         row["index_pct_of_cudnn"] = 100.0 * row["index_ms"] / cudnn_ms
-        # sparse forward alone on random lists at fixed densities (diagonal always listed)
-        out_dense_lists = None
-        for target in (1.0, *densities):
+        # sparse forward alone on random lists (diagonal always listed), ours and FlexAttention on the
+        # same lists; 100 %: every causal block listed, which must also equal dense attention
+        for target in targets:
             index, count = random_block_lists(1, heads, seq_len, seq_len, block_size, target,
                                               device="cuda", seed=seq_len)
+            key = sparse_key(target)
             density = list_density(count, seq_len, seq_len, block_size)
-            out = sparse_attention(q, k, v, index, count, block_size)
-            if target == 1.0:  # every block listed must equal dense attention
-                out_dense_lists = float((out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
-                row["sparse_all_blocks_err_vs_dense"] = out_dense_lists
-                continue
-            err = spot_check(q, k, v, out, index, count, block_size)
-            key = f"sparse_{round(target * 100)}pct"
             row[f"{key}_density"] = density
+            out = sparse_attention(q, k, v, index, count, block_size)
+            if target == ALL_BLOCKS:
+                row["sparse_all_blocks_err_vs_dense"] = float(
+                    (out.float() - ref_dense.float()).norm() / ref_dense.float().norm())
+            err = spot_check(q, k, v, out, index, count, block_size)
             if err < 2e-2 and not torch.isnan(out).any():
                 ms = median_ms(sparse_attention, q, k, v, index, count, block_size)
                 row[f"{key}_ms"] = ms
                 row[f"{key}_tflops_computed"] = density * flops / ms / 1e9
             else:
                 row[f"{key}_check_failed"] = err
+            del out
+            _flex_row(row, key, q, k, v, index, count, block_size, density * flops)
+        add_ratios(row, block_size, targets)
         results["rows"].append(row)
         log(format_row(row))
         torch.cuda.empty_cache()
     return results
+
+
+def _flex_row(row, key, q, k, v, index, count, block_size, flop) -> None:
+    """``{key}_flex_*``: compiled FlexAttention on the same block lists as ours (``flop``: their work),
+    checked on sampled rows as ours is before it is timed. ``flex_first_call_s`` is the first call at
+    this length, compilation included. Where FlexAttention is unavailable or fails (no
+    ``torch.nn.attention.flex_attention``, a compile error, out of memory) the error is recorded instead."""
+    try:
+        run = flex_attention_runner(q, k, v, flex_block_mask(index, count, q.shape[1], block_size))
+        start = time.perf_counter()
+        out = run().transpose(1, 2)
+        torch.cuda.synchronize()
+        row.setdefault("flex_first_call_s", time.perf_counter() - start)
+        err = spot_check(q, k, v, out, index, count, block_size)
+        if err < 2e-2 and not torch.isnan(out).any():
+            ms = median_ms(run)
+            row[f"{key}_flex_ms"] = ms
+            row[f"{key}_flex_tflops_computed"] = flop / ms / 1e9
+        else:
+            row[f"{key}_flex_check_failed"] = err
+    except Exception as exc:  # FlexAttention is a competitor: its failure is a result, not the end of the run
+        row[f"{key}_flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _mean_correction_row(row, q, k, v, rules, ref_dense, flops) -> None:
@@ -287,6 +413,8 @@ def _mean_correction_row(row, q, k, v, rules, ref_dense, flops) -> None:
 def mean_correction_table(results: dict) -> str:
     """Markdown: the mean-corrected operator against the uncorrected one (per-head selection)."""
     lines = [
+        f"Mean correction, {geometry(results)}, alpha={results['shape']['alpha']}: CUDA-graph timing.",
+        "",
         "| L | density | ours ms, graph | + mean correction ms, graph | overhead | rel. L2 err vs dense: "
         "plain / corrected |",
         "|---|---|---|---|---|---|",
@@ -316,31 +444,48 @@ def cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else "-"
 
 
+def row_sparse_keys(row: dict) -> list[str]:
+    """The :func:`sparse_key` prefixes a row holds, in the order they ran."""
+    return [key[: -len("_density")] for key in row if key.startswith("sparse_") and key.endswith("pct_density")]
+
+
 def format_row(row: dict) -> str:
     def g(key, fmt="{:.2f}"):
         return cell(row, key, fmt)
 
+    sparse = ", ".join(
+        f"{g(f'{key}_tflops_computed', '{:.0f}')}/{g(f'{key}_flex_tflops_computed', '{:.0f}')} @ "
+        f"{g(f'{key}_density', '{:.1%}')} (x{g(f'{key}_vs_cudnn')} cuDNN)" for key in row_sparse_keys(row))
     return (
         f"L={row['seq_len']:>6} | flash {g('sdpa_flash_ms')} ms | cudnn {g('sdpa_cudnn_ms')} ms "
         f"({g('sdpa_cudnn_tflops', '{:.0f}')} TF/s) | ours/head {g('full_head_ms')} ms @ "
-        f"{g('full_head_density', '{:.1%}')} (x{g('full_head_speedup_vs_cudnn')}) | ours/group "
-        f"{g('full_group_ms')} ms @ {g('full_group_density', '{:.1%}')} | index {g('index_ms', '{:.3f}')} ms "
-        f"({g('index_pct_of_cudnn', '{:.1f}')}%) | sparse 6/20/60%: {g('sparse_6pct_tflops_computed', '{:.0f}')}"
-        f"/{g('sparse_20pct_tflops_computed', '{:.0f}')}/{g('sparse_60pct_tflops_computed', '{:.0f}')} TF/s"
+        f"{g('full_head_density', '{:.1%}')} (x{g('full_head_speedup_vs_cudnn')}, {g('full_head_vs_limit')} of "
+        f"limit) | ours/group {g('full_group_ms')} ms @ {g('full_group_density', '{:.1%}')} | index "
+        f"{g('index_ms', '{:.3f}')} ms ({g('index_pct_of_cudnn', '{:.1f}')}%) | sparse fwd ours/Flex TF/s: {sparse}"
     )
 
 
+def geometry(results: dict) -> str:
+    """``B=1, 32 q / 8 kv heads, D=128, bf16``: the shape every table of a run was measured at."""
+    shape = results["shape"]
+    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(shape["dtype"],
+                                                                                            shape["dtype"])
+    return (f"B={shape['batch']}, {shape['q_heads']} q / {shape['kv_heads']} kv heads, D={shape['head_dim']}, "
+            f"{dtype}")
+
+
 def markdown_table(results: dict) -> str:
-    env = results["environment"]
+    """Markdown: the whole operator against dense SDPA and the limit model, one row per length."""
+    env, shape = results["environment"], results["shape"]
     lines = [
-        f"GPU: {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
-        f"date {env['date']}. B=1, {results['shape']['q_heads']}/{results['shape']['kv_heads']} heads, "
-        f"D={results['shape']['head_dim']}, bf16, alpha={results['shape']['alpha']}.",
+        f"Operator, {geometry(results)}, alpha={shape['alpha']}. GPU: {env.get('gpu')}, torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env.get('cuda')}, date {env['date']}. Limit: cuDNN ms x (density + "
+        f"1/{shape['block_size']}).",
         "",
         "| L | SDPA flash ms | SDPA cuDNN ms (TFLOP/s) | ours full ms, stream / graph (per-head) | density "
-        "| x vs cuDNN (stream / graph) | ours full ms (per-group) | density | index ms, stream / graph "
-        "(% cuDNN) | sparse fwd TFLOP/s @6/20/60% |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| x vs cuDNN (stream / graph) | limit ms | ours / limit | ours full ms (per-group) | density "
+        "| index ms, stream / graph (% cuDNN) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         def g(key, fmt="{:.2f}", r=r):
@@ -351,20 +496,48 @@ def markdown_table(results: dict) -> str:
             f"({g('sdpa_cudnn_tflops', '{:.0f}')}) | {g('full_head_ms')} / {g('full_head_graph_ms')} "
             f"| {g('full_head_density', '{:.1%}')} "
             f"| {g('full_head_speedup_vs_cudnn')} / {g('full_head_graph_speedup_vs_cudnn')} "
+            f"| {g('limit_ms')} | {g('full_head_vs_limit')} "
             f"| {g('full_group_ms')} | {g('full_group_density', '{:.1%}')} "
             f"| {g('index_ms', '{:.3f}')} / {g('index_graph_ms', '{:.3f}')} ({g('index_pct_of_cudnn', '{:.1f}')}% / "
-            f"{g('index_graph_pct_of_cudnn', '{:.1f}')}%) "
-            f"| {g('sparse_6pct_tflops_computed', '{:.0f}')} / {g('sparse_20pct_tflops_computed', '{:.0f}')} / "
-            f"{g('sparse_60pct_tflops_computed', '{:.0f}')} |"
+            f"{g('index_graph_pct_of_cudnn', '{:.1f}')}%) |"
         )
     return "\n".join(lines)
+
+
+def sparse_forward_table(results: dict) -> str:
+    """Markdown: the sparse forward alone, ours and FlexAttention on the same random block lists, one row per
+    (length, target density), TFLOP/s of computed work beside dense cuDNN's."""
+    targets = sorted(results["shape"].get("sparse_targets", (ALL_BLOCKS, 0.06, 0.2, 0.6)))
+    lines = [
+        f"Sparse forward alone, {geometry(results)}: random block lists (diagonal always listed), the same lists "
+        "for ours and FlexAttention (torch.compile); TFLOP/s of computed work (density x dense causal FLOPs).",
+        "",
+        "| L | target | density | ours TFLOP/s | FlexAttention TFLOP/s | ours / Flex | cuDNN TFLOP/s (dense) "
+        "| ours / cuDNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        for target in targets:
+            key = sparse_key(target)
+            ours = "check failed" if f"{key}_check_failed" in r else cell(r, f"{key}_tflops_computed", "{:.0f}")
+            flex = ("error" if f"{key}_flex_error" in r else "check failed" if f"{key}_flex_check_failed" in r
+                    else cell(r, f"{key}_flex_tflops_computed", "{:.0f}"))
+            lines.append(
+                f"| {r['seq_len'] // KIB}K | {target:.0%} | {cell(r, f'{key}_density', '{:.1%}')} | {ours} | {flex} "
+                f"| {cell(r, f'{key}_vs_flex')} | {cell(r, 'sdpa_cudnn_tflops', '{:.0f}')} "
+                f"| {cell(r, f'{key}_vs_cudnn')} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    """The three tables of a run: the operator, the sparse forward alone, the mean correction."""
+    return "\n\n".join((markdown_table(results), sparse_forward_table(results), mean_correction_table(results)))
 
 
 def run(args: argparse.Namespace) -> int:
     results = run_benchmark(args.lengths, args.heads, args.kv_heads, args.head_dim, args.alpha)
     args.out.write_text(json.dumps(results, indent=1))
-    print(markdown_table(results))
-    print()
-    print(mean_correction_table(results))
+    print(markdown_report(results))
     print(f"saved {args.out}")
     return 0

@@ -106,6 +106,7 @@ MISTAKES = [
     (["bench", "--ttft", "--device", "cpu", "--lengths", "999999"], "smollm2's context is 8192 tokens"),
     (["bench", "--ttft", "--device", "cpu", "--heads", "4"], "--heads: operator benchmark flags"),
     (["bench", "--lengths", "2K", "--model", "llama8b"], "--model: only with --ttft"),
+    (["bench", "--head-dim", "100"], "--head-dim 100: the kernels support 64, 80, 96, 128, 256"),
 ]
 
 

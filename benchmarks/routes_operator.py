@@ -120,15 +120,43 @@ def _mask(index, count):
     return mask[..., :nkb]
 
 
+def summarize(path: str) -> str:
+    """Markdown of a results file: one table per run, the variants side by side (ms or TFLOP/s)."""
+    out = []
+    for line in open(path):
+        run = json.loads(line)
+        env, args = run["environment"], run["args"]
+        out.append(f"### {args['part']}, {args['heads']} q / {args['kv_heads']} kv heads, D={args['head_dim']} "
+                   f"({env.get('gpu')}, triton {env['triton']}, commit {env['commit']})\n")
+        if args["part"] == "select":
+            out.append("| L | config | ms | decisions differing from the default |\n|---|---|---|---|")
+            out += [f"| {r['L']} | {r.get('config', 'pool')} | {r['ms']:.4f} | {r.get('decisions_differing', '-')} |"
+                    if "ms" in r else f"| {r['L']} | {r.get('config')} | failed | - |" for r in run["rows"]]
+        else:
+            out.append("| L | target | density | config | ms | TFLOP/s |\n|---|---|---|---|---|---|")
+            out += [f"| {r['L']} | {r['target']} | {r['density']:.3f} | {r['config']} | "
+                    + (f"{r['ms']:.3f} | {r['tflops']:.0f} |" if "ms" in r else
+                       "failed (compile) | - |" if "failed" in r else f"wrong ({r.get('wrong')}) | - |")
+                    for r in run["rows"]]
+        out.append("")
+    return "\n".join(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("sparse", "select", "tiles"), required=True)
+    parser.add_argument("--summarize", metavar="JSONL", help="print Markdown tables of a results file and exit")
+    parser.add_argument("--part", choices=("sparse", "select", "tiles"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", default=None, help="append the JSON lines here")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    if args.part is None:
+        parser.error("--part is required")
     rows = []
     {"sparse": part_sparse, "tiles": part_sparse, "select": part_select}[args.part](args, rows)
     if args.out:

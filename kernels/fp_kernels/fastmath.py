@@ -11,7 +11,7 @@ max-shifted logits of an online softmax (``x <= 0``); ``x < -126`` (``-inf`` inc
 import triton
 import triton.language as tl
 
-_SHIFT = 12582912.0  # 1.5 * 2**23: adding it rounds a float of magnitude < 2**22 to an integer
+_SHIFT = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds a float of magnitude < 2**22 to an integer
 
 
 @triton.jit

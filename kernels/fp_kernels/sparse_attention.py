@@ -212,6 +212,8 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     elif dim <= 128:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "WARP_SPECIALIZE": hopper}
+    elif hopper:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     else:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
@@ -222,7 +224,9 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
 def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
     """Tiles by shape class (head dim, block size, GPU generation), never by sequence length; a
     fresh dict (cached per device and shape class): D=128 takes 128x128 tiles, 8 warps, 3 stages;
-    D=64 128x64 tiles, 4 warps (the fastest in ``benchmarks/sweep_tiles.py`` on Hopper).
+    D=64 128x64 tiles, 4 warps, 3 stages; D=256 on Hopper 128x64 tiles, 8 warps, 2 stages (1.7x the
+    64x64 tiles kept for older GPUs, whose shared memory is smaller). The fastest on an H200 in
+    ``benchmarks/routes_operator.py --part tiles`` (results in benchmarks/results/routes_h200.jsonl).
     """
     index = device.index if device.type == "cuda" and not interpret else None
     if index is None and device.type == "cuda" and not interpret:

@@ -159,7 +159,9 @@ def flash_prefill(
             every valid block, and all of them are ``< i``). By Jensen each stand-in is a lower bound of the skipped
             block's mass. With ``alpha=0`` and ``min_budget=0`` nothing is skipped and the output is
             unchanged. The kernels and the reference apply the same rule; costs one more pooled
-            tensor (mean values) and one stand-in column per skipped block.
+            tensor (mean values), a byte map of the listed blocks (a quarter of the block lists'
+            size) and one stand-in column per key block before the query block (the kernel
+            computes the listed ones too and masks them: its loop is latency-bound).
         rules: all of the above block rules as one :class:`BlockRules` (instead of the keywords).
 
     Causal alignment is bottom-right when ``Lq < Lk`` (a continued prefill on a cache): query row

@@ -14,6 +14,15 @@ denominator and that times ``vbar_j`` to the numerator. The means are pooled in 
 once to the input dtype (``kbar`` is the one the selection scores with); like ``K``, ``V`` and ``P``
 they enter the dots in that dtype. (Splitting them into two input-dtype halves would double the
 correction's dot work for a rounding the reference's low-precision variant already accounts for.)
+
+The correction does ~1/128 of a dense block's work per block id, so its loop is bound by latency,
+not by math: it is written for the software pipeliner. Every chunk ``j < qb`` is computed (a chunk
+with nothing skipped adds exact zeros, as if skipped), its ``kbar``/``vbar`` rows are loaded with
+masks that depend on the loop index only (``CORR_STAGES`` pipelining stages prefetch the next
+chunks), and a listed id just masks its logit to ``-inf``. Which ids are listed comes, by default
+(``CORR_FLAGS``), from a ``[B, Hsel, S, nkb]`` byte map that one small kernel sets from the lists
+before the launch (one load per chunk, off the critical path); otherwise from a walk of the list
+whose position depends on the previous chunk (no extra memory, one dependent load per chunk).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import triton.language as tl
 
 from .backend import interpreter_enabled
 from .fastmath import exp2_split
-from .geometry import normalize_ranges
+from .geometry import normalize_ranges, num_key_blocks
 from .pool import LENGTH_ARGS, launch_device, valid_range
 from .select import slot_rows
 
@@ -62,46 +71,105 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 
 @triton.jit
 def _attend_skipped_means(
-    acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, count, n_corr, n, d, d_ok, scale_log2,
-    BLOCK_SIZE: tl.constexpr, CORR_CHUNK: tl.constexpr,
+    acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, flag_base, count, n_corr, n, d, d_ok,
+    scale_log2, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
+    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
 ):
     """Fold a stand-in column for every block ``j < n_corr`` missing from the ascending list
     ``index_base[:count]`` into the online softmax ``(acc, m_i, l_i)``.
 
-    Chunk ``c`` covers ids ``[c0, c0 + CORR_CHUNK)``; the list entries in that range are the (at most
-    ``CORR_CHUNK``) entries from ``pos`` on, where ``pos`` counts the entries below ``c0``, so one
-    ``[CORR_CHUNK, CORR_CHUNK]`` comparison marks the kept ids of the chunk. The means and the
-    probabilities enter the dots in the input dtype, as ``K``, ``V`` and ``P`` do in the main loop."""
+    Chunk ``c`` covers ids ``j = c0 + [0, CORR_CHUNK)``. Its mean keys and values are loaded at the top
+    of the iteration with masks that depend on ``c0`` only (``j < n_corr``), so the pipeliner can
+    fetch chunk ``c + 1`` while chunk ``c`` computes; every chunk runs the same code (no branch on
+    the list): a listed id only masks its logit to ``-inf``. Which ids are listed comes either
+    (``CORR_FLAGS``) from ``flag_base[j]``, a byte per block set by :func:`_kept_flags_kernel`, or from
+    a walk of the list: the entries in the chunk's range are the (at most ``CORR_CHUNK``) entries
+    from ``pos`` on, where ``pos`` counts the entries below ``c0``, and one ``[CORR_CHUNK,
+    CORR_CHUNK]`` comparison marks them. A chunk with nothing skipped adds exact zeros with a rescale
+    of exactly 1, so the result equals skipping it. The means and the probabilities enter the dots
+    in the input dtype, as ``K``, ``V`` and ``P`` do in the main loop."""
     cols = tl.arange(0, CORR_CHUNK)
     pos = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, n_corr, CORR_CHUNK):
+    for c0 in tl.range(0, n_corr, CORR_CHUNK, num_stages=CORR_STAGES):
         j = c0 + cols
-        at = pos + cols
-        listed = tl.load(index_base + at, mask=at < count, other=-1)
-        hits = tl.sum((listed[None, :] == j[:, None]).to(tl.int32), axis=1)
-        pos += tl.sum(((listed >= 0) & (listed < c0 + CORR_CHUNK)).to(tl.int32), axis=0)
-        skipped = (j < n_corr) & (hits == 0)
-        if tl.max(skipped.to(tl.int32), axis=0) > 0:
-            mask = skipped[:, None] & d_ok[None, :]
-            kbar = tl.load(kbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
-            qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
-            size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
-            logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-            # a row with no valid key and no stand-in keeps a finite pivot (0 out, not NaN)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(logit - m_new[:, None])
-            rescale = tl.exp2(m_i - m_new)
-            l_i = l_i * rescale + tl.sum(p, axis=1)
-            vbar = tl.load(vbar_head + j.to(tl.int64)[:, None] * stride_mj + d[None, :], mask=mask, other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
-            m_i = m_new
+        inb = j < n_corr
+        rows = j.to(tl.int64)[:, None] * stride_mj + d[None, :]
+        if EVEN_D:
+            mask = inb[:, None]
+        else:
+            mask = inb[:, None] & d_ok[None, :]
+        kbar = tl.load(kbar_head + rows, mask=mask, other=0.0)
+        vbar = tl.load(vbar_head + rows, mask=mask, other=0.0)
+        if CORR_FLAGS:
+            listed_here = tl.load(flag_base + j, mask=inb, other=0) != 0
+        else:
+            at = pos + cols
+            listed = tl.load(index_base + at, mask=at < count, other=-1)
+            listed_here = tl.sum((listed[None, :] == j[:, None]).to(tl.int32), axis=1) > 0
+            pos += tl.sum(((listed >= 0) & (listed < c0 + CORR_CHUNK)).to(tl.int32), axis=0)
+        skipped = inb & (listed_here == 0)
+        qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
+        size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
+        logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+        # a row with no valid key and nothing skipped yet stays at -inf; it pivots on 0 (0 out, not NaN)
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(logit - pivot[:, None])
+        rescale = tl.exp2(m_i - pivot)
+        l_i = l_i * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
+        m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _flag_row(FLAGS, b, h, s, n_heads, n_slots, width):
+    """Row ``(b, h, s)`` of the contiguous ``[B, n_heads, n_slots, width]`` flag map."""
+    return FLAGS + ((b * n_heads + h) * n_slots + s).to(tl.int64) * width
+
+
+@triton.jit(do_not_specialize=["n_slots", "width", "stride_ib", "stride_ih", "stride_is", "stride_cb", "stride_ch"])
+def _kept_flags_kernel(
+    INDEX, COUNT, FLAGS,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    n_heads, n_slots, width, CHUNK: tl.constexpr,
+):
+    """Flag map row ``(b, h, s)`` gets a 1 at every listed id of slot ``s`` (the map is zeroed before)."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    count = tl.load(COUNT + b * stride_cb + h * stride_ch + s)
+    index_base = INDEX + b.to(tl.int64) * stride_ib + h * stride_ih + s * stride_is
+    flag_base = _flag_row(FLAGS, b, h, s, n_heads, n_slots, width)
+    cols = tl.arange(0, CHUNK)
+    for p0 in range(0, count, CHUNK):
+        at = p0 + cols
+        ids = tl.load(index_base + at, mask=at < count, other=-1)
+        ok = (ids >= 0) & (ids < width)  # (masked lanes read -1)
+        tl.store(flag_base + ids, tl.full([CHUNK], 1, tl.int8), mask=ok)
+
+
+def kept_flags(block_index: torch.Tensor, block_count: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, Hsel, S, width]`` int8, contiguous: 1 where a slot's list holds the block id, else 0
+    (Triton). ``width``: the key blocks of the keys, ``ceil(Lk / block_size)`` (every valid id is below)."""
+    flags = torch.zeros(*block_count.shape, width, dtype=torch.int8, device=block_index.device)
+    batch, hsel, n_slots = block_count.shape
+    if flags.numel():
+        with launch_device(block_index):
+            _kept_flags_kernel[(n_slots, batch * hsel)](
+                block_index, block_count, flags,
+                block_index.stride(0), block_index.stride(1), block_index.stride(2),
+                block_count.stride(0), block_count.stride(1),
+                hsel, n_slots, width, CHUNK=128, num_warps=4,
+            )
+    return flags
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _sparse_attention_kernel(
-    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR,
+    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR, FLAGS,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -114,7 +182,7 @@ def _sparse_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr,
+    MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
     FMA_SHARE: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
@@ -184,9 +252,14 @@ def _sparse_attention_kernel(
     if MEAN_CORRECTION:
         # skipped blocks before the query block (j < qb): every row of the slot sees all of them
         mean_off = b.to(tl.int64) * stride_mb + hkv * stride_mh
+        # the flag map is [B, Hsel, n_slots, ceil(k_len / BLOCK_SIZE)], contiguous (kept_flags)
+        n_sel = num_q_heads
+        if SEL_GROUP:
+            n_sel = num_q_heads // GROUP
+        flag_base = _flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK_SIZE - 1) // BLOCK_SIZE)
         acc, m_i, l_i = _attend_skipped_means(
-            acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, count,
-            tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, CORR_CHUNK,
+            acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
+            tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
@@ -199,7 +272,11 @@ def compute_capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-_CORR_CHUNK = 32  # skipped block ids per stand-in chunk (columns of the two float32 dots)
+# The mean-correction loop's knobs (``config`` keys of :func:`sparse_attention`; benchmarks/sweep_tiles.py
+# --mean-correction): block ids per stand-in chunk (columns of its two dots), software-pipelining
+# stages of its loop, and how it learns which ids are listed (a kept-flag map built by one small
+# kernel, or a walk of the list).
+_CORR_DEFAULTS = {"CORR_CHUNK": 64, "CORR_STAGES": 2, "CORR_FLAGS": True}
 
 
 @functools.cache
@@ -279,9 +356,11 @@ def sparse_attention(
     ``Hkv`` (per GQA group). Returns ``[B, Lq, Hq, D]`` contiguous in ``q.dtype``; rows that see no
     listed key, and rows before ``kv_start``, are 0. Same result as
     :func:`fp_kernels.sparse_attention_reference`. ``config`` overrides the tile choice
-    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) for
-    benchmarking. ``out`` (``[B, Lq, Hq, D]``, ``q.dtype``, unit last stride) is written in place
-    when given; every element is written.
+    (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) and the
+    mean-correction loop's (``CORR_CHUNK``: block ids per chunk, a power of two >= 16;
+    ``CORR_STAGES``: its pipelining stages; ``CORR_FLAGS``: a kept-flag map instead of the list walk)
+    for benchmarking; none of them changes what is computed. ``out`` (``[B, Lq, Hq, D]``,
+    ``q.dtype``, unit last stride) is written in place when given; every element is written.
 
     ``mean_correction``: also add, for every key block ``j`` before a slot's query block that its
     list skips, ``n_j exp(scale q . kbar_j)`` to each row's softmax denominator and that times
@@ -330,13 +409,19 @@ def sparse_attention(
     if use_tma:
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
-    corr_chunk = cfg.pop("CORR_CHUNK", _CORR_CHUNK)
     fma_share = cfg.pop("FMA_SHARE", 0)
+    # without the correction the knobs stay at their defaults: one compiled plain kernel whatever the config
+    corr = {key: cfg.pop(key, default) for key, default in _CORR_DEFAULTS.items()}
+    if not mean_correction:
+        corr = dict(_CORR_DEFAULTS)
+    corr["CORR_FLAGS"] = bool(corr["CORR_FLAGS"])
+    use_flags = mean_correction and corr["CORR_FLAGS"]
+    flags = kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if use_flags else block_count
     grid = (n_slots * (block_size // block_m), batch * hq)
     with launch_device(q):
         _sparse_attention_kernel[grid](
             q, k, v, out, block_index, block_count,
-            kv_start if has_ranges else block_count, kv_end if has_ranges else block_count, *means,
+            kv_start if has_ranges else block_count, kv_end if has_ranges else block_count, *means, flags,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -349,7 +434,7 @@ def sparse_attention(
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
-            MEAN_CORRECTION=mean_correction, CORR_CHUNK=corr_chunk,
+            MEAN_CORRECTION=mean_correction, **corr,
             FMA_SHARE=fma_share,
             **cfg,
         )

@@ -10,6 +10,7 @@ below cannot pass with either.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -174,12 +175,13 @@ LIST_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("corr_flags", [True, False], ids=["flags", "walk"])
 @pytest.mark.parametrize("corr_chunk", [16, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", LIST_SHAPES, ids=[case_id(*s[:6], bs=s[6]) for s in LIST_SHAPES])
-def test_sparse_attention_on_random_lists(shape, dtype, corr_chunk, device, monkeypatch):
+def test_sparse_attention_on_random_lists(shape, dtype, corr_chunk, corr_flags, device, monkeypatch):
     """Random lists without the diagonal and an empty list, junk past the counts, chunks of 16 and 32
-    block ids (several chunks per row)."""
+    block ids (several chunks per row), listed ids from the flag map and from the list walk."""
     batch, q_len, k_len, hq, hkv, dim, bs = shape
     q, k, v, *_ = make_case((*shape, 0.0, (0, 0, 0), None, ()), dtype, device, seed=3)
     index, count = random_block_lists(batch, hq, q_len, k_len, bs, 0.3, device=device, keep_diagonal=False, seed=4)
@@ -188,7 +190,8 @@ def test_sparse_attention_on_random_lists(shape, dtype, corr_chunk, device, monk
     index = torch.where(past, torch.zeros_like(index), index)  # junk past the count must be ignored
     poisoned = poison_allocator(device, monkeypatch)
     out = torch.full_like(q, float("nan"))
-    sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True, config={"CORR_CHUNK": corr_chunk})
+    sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True,
+                     config={"CORR_CHUNK": corr_chunk, "CORR_FLAGS": corr_flags})
     assert poisoned, "the stand-ins' block means were not pooled into poisoned buffers"
     want = oracle(q, k, v, index, count, bs)
     ref_lowp = sparse_attention_reference(q, k, v, index, count, bs, round_probs=True, mean_correction=True)
@@ -201,16 +204,88 @@ def test_sparse_attention_on_random_lists(shape, dtype, corr_chunk, device, monk
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_nothing_skipped_changes_nothing(dtype, device, triton_calls):
     """alpha=0 (the pipeline skips the correction: every block is listed) and every block listed given
-    to the kernel with the correction on (the complement walk finds nothing): bit-equal outputs."""
+    to the kernel with the correction on (every chunk is computed, with nothing skipped): bit-equal
+    outputs, with the flag map and with the list walk."""
     q, k, v, *_ = make_case((1, 300, 300, 4, 1, 64, 32, 0.0, (0, 0, 0), None, ()), dtype, device, seed=5)
     torch.testing.assert_close(flash_prefill(q, k, v, 0.0, 32, mean_correction=True),
                                flash_prefill(q, k, v, 0.0, 32), atol=0, rtol=0)
     index, count = random_block_lists(1, 4, 300, 300, 32, 1.0, device=device)
     plain = sparse_attention(q, k, v, index, count, 32)
-    corrected = sparse_attention(q, k, v, index, count, 32, mean_correction=True, config={"CORR_CHUNK": 16})
-    torch.testing.assert_close(corrected, plain, atol=0, rtol=0)
+    for flags in (True, False):
+        corrected = sparse_attention(q, k, v, index, count, 32, mean_correction=True,
+                                     config={"CORR_CHUNK": 16, "CORR_FLAGS": flags})
+        torch.testing.assert_close(corrected, plain, atol=0, rtol=0, msg=f"CORR_FLAGS={flags}")
     ref = flash_prefill_reference(q.float(), k.float(), v.float(), 0.0, 32, mean_correction=True)
     torch.testing.assert_close(ref, flash_prefill_reference(q.float(), k.float(), v.float(), 0.0, 32), atol=0, rtol=0)
+
+
+def chunked_lists(n_slots, heads, first_qb, n_blocks, device, seed):
+    """Lists for slots ``first_qb + s``: sinks 0-1, ids 128-255 all listed (a chunk of 32, 64 or 128 ids
+    with nothing skipped), about a fifth of the other ids, and the window ``qb - 1, qb``; junk past the
+    counts."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.full((1, heads, n_slots, n_blocks), 5, dtype=torch.int32)  # junk past the count
+    count = torch.zeros(1, heads, n_slots, dtype=torch.int32)
+    for h in range(heads):
+        for s in range(n_slots):
+            qb = first_qb + s
+            some = (torch.rand(qb, generator=gen) < 0.2).nonzero().flatten().tolist()
+            ids = sorted({0, 1, qb - 1, qb, *range(128, 256), *some})
+            index[0, h, s, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+            count[0, h, s] = len(ids)
+    return index.to(device), count.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_correction_knobs_give_the_reference(dtype, device):
+    """CORR_CHUNK 32/64/128, CORR_FLAGS on/off and a CORR_STAGES value: the same result as the oracle on
+    rows that see ~300 key blocks (3 to 10 chunks), with ids skipped in several chunks and a chunk
+    (ids 128-255) where nothing is skipped."""
+    bs, q_len, k_len = 16, 40, 16 * 300
+    q, k, v, *_ = make_case((1, q_len, k_len, 2, 1, 64, bs, 0.0, (0, 0, 0), None, ()), dtype, device, seed=8)
+    first_qb = (k_len - q_len) // bs
+    index, count = chunked_lists(3, 2, first_qb, k_len // bs, device, seed=9)
+    want = oracle(q, k, v, index, count, bs)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, bs, round_probs=True, mean_correction=True)
+    budget = 3 * (ref_lowp.double() - want).abs().max().item() + 2e-5
+    assert_discriminates(want, {"none": oracle(q, k, v, index, count, bs, rule="none")}, budget, "knobs")
+    kbar, vbar = pool_keys(k, bs, v=v)
+    for chunk, flags, stages in [(32, True, 2), (64, True, 3), (128, True, 1), (32, False, 2), (128, False, 2)]:
+        cfg = {"CORR_CHUNK": chunk, "CORR_FLAGS": flags, "CORR_STAGES": stages}
+        out = torch.full_like(q, float("nan"))
+        sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True, kbar=kbar, vbar=vbar, config=cfg)
+        assert_close_to_reference(out, want, ref_lowp, f"sparse_attention(mean_correction=True, config={cfg})")
+
+
+@pytest.mark.parametrize("corr_flags", [True, False], ids=["flags", "walk"])
+def test_group_lists_in_a_batch(corr_flags, device):
+    """One list per GQA group (``Hsel = Hkv``), two batch rows: each program finds its own list (and
+    its row of the flag map)."""
+    dtype = DTYPES[0]
+    q, k, v, *_ = make_case((2, 200, 200, 4, 2, 64, 16, 0.0, (0, 0, 0), None, ()), dtype, device, seed=11)
+    index, count = random_block_lists(2, 2, 200, 200, 16, 0.3, device=device, seed=12)
+    out = sparse_attention(q, k, v, index, count, 16, mean_correction=True,
+                           config={"CORR_CHUNK": 16, "CORR_FLAGS": corr_flags})
+    want = oracle(q, k, v, index, count, 16)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, 16, round_probs=True, mean_correction=True)
+    assert_close_to_reference(out, want, ref_lowp, f"per-group lists, CORR_FLAGS={corr_flags}")
+    swapped = oracle(q, k, v, index.flip(0), count.flip(0), 16)  # the other batch row's lists
+    budget = 3 * (ref_lowp.double() - want).abs().max().item() + 2e-5
+    assert_discriminates(want, {"swapped": swapped}, budget, "per-group lists")
+
+
+def test_kept_flags_mark_exactly_the_listed_ids(device):
+    """The flag map: 1 at every listed id, 0 elsewhere, whatever lies past the counts."""
+    from fp_kernels.sparse_attention import kept_flags
+
+    index, count = random_block_lists(2, 3, 200, 200, 16, 0.4, device=device, seed=10)
+    count[1, 2, 4] = 0
+    junk = torch.arange(index.shape[-1], device=device) >= count[..., None]
+    index = torch.where(junk, torch.full_like(index, 3), index)
+    want = torch.zeros(index.shape, dtype=torch.int8, device=device)
+    for b, h, s in itertools.product(*map(range, count.shape)):
+        want[b, h, s, index[b, h, s, : int(count[b, h, s])].long()] = 1
+    assert torch.equal(kept_flags(index, count, index.shape[-1]), want)
 
 
 @pytest.mark.parametrize("side", ["left", "both"])

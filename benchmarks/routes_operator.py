@@ -4,12 +4,12 @@
     python benchmarks/routes_operator.py --part select     # scoring-pass variants (index building)
     python benchmarks/routes_operator.py --part tiles --head-dim 64 --heads 14 --kv-heads 2
 
-``sparse``: the default tile config against exp2 partly (``FMA_SHARE=1``) or wholly (``2``) on the FMA
-units (:mod:`fp_kernels.fastmath`), with and without warp specialisation, on random block lists at
+``sparse``: the default tile config with and without warp specialisation, on random block lists at
 6 / 60 / 100 % density. ``select``: the scoring pass per chunk width and warp count, with its
 selection compared to the default's. ``tiles``: the sparse forward's tile space for one head dim.
-(Measured earlier and folded in: block ids loaded one step ahead, blocks x rows scoring dots; TMA
-loads lost. See benchmarks/README.md.)
+Measured earlier (benchmarks/results/routes_h200.md, each run with its commit): block ids loaded one
+step ahead and blocks x rows scoring dots won and are the kernels' code now; TMA loads and exp2 on the
+FMA units (half or all of the exponentials; ``FMA_SHARE`` at commit c797220) lost and were removed.
 Every line: CUDA-graph median ms, TFLOP/s of computed work, realised density, the variant.
 """
 
@@ -34,8 +34,7 @@ def graph_ms(fn) -> float:
 
 
 def sparse_variants(head_dim: int) -> list[dict]:
-    return [{}, {"WARP_SPECIALIZE": False}, {"FMA_SHARE": 1}, {"FMA_SHARE": 2},
-            {"FMA_SHARE": 1, "WARP_SPECIALIZE": False}, {"FMA_SHARE": 2, "WARP_SPECIALIZE": False}]
+    return [{}, {"WARP_SPECIALIZE": False}, {"USE_TMA": True}]
 
 
 def tile_space(head_dim: int) -> list[dict]:

@@ -282,6 +282,7 @@ def run_benchmark(
     dtype=torch.bfloat16,
     group_modes=(False, True),
     log=print,
+    on_row=None,
 ) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the operator benchmark needs a CUDA GPU")
@@ -364,6 +365,8 @@ def run_benchmark(
         add_ratios(row, block_size, targets)
         results["rows"].append(row)
         log(format_row(row))
+        if on_row is not None:  # e.g. save after every length: a long run cut short keeps what it measured
+            on_row(results)
         torch.cuda.empty_cache()
     return results
 
@@ -536,8 +539,11 @@ def markdown_report(results: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = run_benchmark(args.lengths, args.heads, args.kv_heads, args.head_dim, args.alpha)
-    args.out.write_text(json.dumps(results, indent=1))
+    def save(results):
+        args.out.write_text(json.dumps(results, indent=1))
+
+    results = run_benchmark(args.lengths, args.heads, args.kv_heads, args.head_dim, args.alpha, on_row=save)
+    save(results)
     print(markdown_report(results))
     print(f"saved {args.out}")
     return 0

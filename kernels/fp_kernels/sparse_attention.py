@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_enabled
-from .fastmath import exp2_split
 from .geometry import normalize_ranges, num_key_blocks
 from .pool import LENGTH_ARGS, launch_device, valid_range
 from .select import slot_rows
@@ -54,7 +53,7 @@ def _load_tile(desc, ptrs, u0, u, n, d_ok, MASKED: tl.constexpr, USE_TMA: tl.con
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.constexpr, FMA_SHARE: tl.constexpr):
+def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.constexpr):
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where((u[None, :] <= t[:, None]) & (u < n)[None, :], qk, float("-inf"))
@@ -62,7 +61,7 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
     if MASKED:
         # a row with no valid key keeps a finite pivot, so it yields 0 instead of NaN
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = exp2_split(qk * scale_log2 - m_new[:, None], FMA_SHARE)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
@@ -183,7 +182,6 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
-    FMA_SHARE: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -240,7 +238,7 @@ def _sparse_attention_kernel(
         u = u0 + cols
         k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
         v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, False, USE_TMA, EVEN_D)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, False, FMA_SHARE)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, False)
     if count > 0:
         kb = tl.load(index_base + count - 1)
         for sub in range(0, TILES_N):
@@ -248,7 +246,7 @@ def _sparse_attention_kernel(
             u = u0 + cols
             k = _load_tile(k_desc, k_head + u0 * stride_kl + k_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
             v = _load_tile(v_desc, v_head + u0 * stride_vl + v_tile, u0, u, n, d_ok, True, USE_TMA, EVEN_D)
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True, FMA_SHARE)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, True)
     if MEAN_CORRECTION:
         # skipped blocks before the query block (j < qb): every row of the slot sees all of them
         mean_off = b.to(tl.int64) * stride_mb + hkv * stride_mh
@@ -276,7 +274,7 @@ def compute_capability_major(device_index: int) -> int:
 # --mean-correction): block ids per stand-in chunk (columns of its two dots), software-pipelining
 # stages of its loop, and how it learns which ids are listed (a kept-flag map built by one small
 # kernel, or a walk of the list).
-_CORR_DEFAULTS = {"CORR_CHUNK": 64, "CORR_STAGES": 2, "CORR_FLAGS": True}
+_CORR_DEFAULTS = {"CORR_CHUNK": 64, "CORR_STAGES": 3, "CORR_FLAGS": True}
 
 
 @functools.cache
@@ -409,7 +407,6 @@ def sparse_attention(
     if use_tma:
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
-    fma_share = cfg.pop("FMA_SHARE", 0)
     # without the correction the knobs stay at their defaults: one compiled plain kernel whatever the config
     corr = {key: cfg.pop(key, default) for key, default in _CORR_DEFAULTS.items()}
     if not mean_correction:
@@ -435,7 +432,6 @@ def sparse_attention(
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,
             USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
             MEAN_CORRECTION=mean_correction, **corr,
-            FMA_SHARE=fma_share,
             **cfg,
         )
     return out

@@ -3,12 +3,12 @@
     python benchmarks/sweep_tiles.py --seq-len 32768 --density 0.6
 
 Prints TFLOP/s of computed work per configuration (correctness checked first); the winners are
-the defaults in ``kernels/sparse_attention.py::_tile_config`` (keyed by head dim, never by length).
+the defaults in ``kernels/sparse_attention.py::tile_config`` (keyed by head dim, never by length).
 
     python benchmarks/sweep_tiles.py --mean-correction
 
 The mean correction's loop knobs (``CORR_CHUNK``, ``CORR_STAGES``, ``CORR_FLAGS``: the defaults in
-``_CORR_DEFAULTS``) at 32K and 128K on the operator's own lists, as overhead over the uncorrected
+``tile_config``) at 32K and 128K on the operator's own lists, as overhead over the uncorrected
 kernel (CUDA-graph medians), then the whole operator with and without the correction; ~3 min.
 """
 
@@ -64,7 +64,7 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
     always run."""
     from fp_kernels import BlockRules, flash_prefill
     from fp_kernels.pool import pool_keys
-    from fp_kernels.sparse_attention import _CORR_DEFAULTS
+    from fp_kernels.sparse_attention import CORR_KEYS, tile_config
     from triton.testing import do_bench_cudagraph
 
     from fp_tools.benchmark import environment
@@ -75,8 +75,10 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
         return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
     env = environment()
+    defaults = {key: value for key, value in tile_config(128, 128, torch.device("cuda"), False).items()
+                if key in CORR_KEYS}
     print(f"mean-correction sweep: {env.get('gpu')} torch {env['torch']} triton {env['triton']} "
-          f"commit {env['commit']} {env['date']}; defaults {_CORR_DEFAULTS}", flush=True)
+          f"commit {env['commit']} {env['date']}; defaults {defaults}", flush=True)
     plain_rules = BlockRules(alpha=alpha, block_size=128)
     corr_rules = plain_rules.replace(mean_correction=True)
     cases = []

@@ -270,17 +270,20 @@ def compute_capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-# The mean-correction loop's knobs (``config`` keys of :func:`sparse_attention`; benchmarks/sweep_tiles.py
-# --mean-correction): block ids per stand-in chunk (columns of its two dots), software-pipelining
-# stages of its loop, and how it learns which ids are listed (a kept-flag map built by one small
-# kernel, or a walk of the list).
-_CORR_DEFAULTS = {"CORR_CHUNK": 64, "CORR_STAGES": 3, "CORR_FLAGS": True}
+# The mean-correction loop's knobs (``config`` keys of :func:`sparse_attention`, defaults per shape class
+# in ``tile_config``; benchmarks/sweep_tiles.py --mean-correction): block ids per stand-in chunk
+# (columns of its two dots), software-pipelining stages of its loop, and how it learns which ids are
+# listed (a kept-flag map built by one small kernel, or a walk of the list). Without the correction
+# they are fixed, so the plain kernel compiles once whatever the config.
+CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS")
+_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False}
 
 
 @functools.cache
 def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
-        cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1}
+        cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1,
+               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True}
         return tuple(cfg.items())
     hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
@@ -293,10 +296,14 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    # the correction's pipelined mean loads take (stages - 1) x 2 x chunk x D input-dtype elements of shared
+    # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
+    # before Hopper load them unpipelined (less shared memory there; not measured)
+    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True)
     return tuple(cfg.items())
 
 
-def _tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
+def tile_config(block_size: int, dim: int, device: torch.device, interpret: bool) -> dict:
     """Tiles by shape class (head dim, block size, GPU generation), never by sequence length; a
     fresh dict (cached per device and shape class): D=128 takes 128x128 tiles, 8 warps, 3 stages;
     D=64 128x64 tiles, 4 warps, 3 stages; D=256 on Hopper 128x64 tiles, 8 warps, 2 stages (1.7x the
@@ -400,17 +407,15 @@ def sparse_attention(
     means = (kbar, vbar) if mean_correction else (block_count, block_count)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
     interpret = interpreter_enabled()
-    cfg = _tile_config(block_size, dim, q.device, interpret)
+    cfg = tile_config(block_size, dim, q.device, interpret)
     cfg.update(config or {})
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)
     if use_tma:
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
-    # without the correction the knobs stay at their defaults: one compiled plain kernel whatever the config
-    corr = {key: cfg.pop(key, default) for key, default in _CORR_DEFAULTS.items()}
-    if not mean_correction:
-        corr = dict(_CORR_DEFAULTS)
+    corr = {key: cfg.pop(key) for key in CORR_KEYS} if mean_correction else dict(_PLAIN_CORR)
+    cfg = {key: value for key, value in cfg.items() if key not in CORR_KEYS}
     corr["CORR_FLAGS"] = bool(corr["CORR_FLAGS"])
     use_flags = mean_correction and corr["CORR_FLAGS"]
     flags = kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if use_flags else block_count

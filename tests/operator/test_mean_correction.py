@@ -274,6 +274,25 @@ def test_group_lists_in_a_batch(corr_flags, device):
     assert_discriminates(want, {"swapped": swapped}, budget, "per-group lists")
 
 
+@pytest.mark.parametrize("corr_flags", [True, False], ids=["flags", "walk"])
+def test_partial_last_block_stand_in(corr_flags, device):
+    """Rows past ``kv_end`` see every valid block as ``j < qb``, the keys' last, partial, block included:
+    when their lists skip it, its stand-in counts its true length (``log n_j``, not ``log B``)."""
+    dtype = DTYPES[0]
+    q, k, v, *_ = make_case((2, 200, 200, 2, 1, 64, 16, 0.0, (0, 0, 0), None, ()), dtype, device, seed=13)
+    start, end = torch.tensor([0, 10], device=device), torch.tensor([150, 183], device=device)  # 6 and 13 keys
+    index, count = random_block_lists(2, 2, 200, 200, 16, 0.3, device=device, kv_start=start, kv_end=end,
+                                      keep_diagonal=False, seed=14)
+    last = (end - start - 1) // 16
+    assert any(last[b] not in index[b, h, -1, : count[b, h, -1]] for b in range(2) for h in range(2))
+    out = sparse_attention(q, k, v, index, count, 16, kv_start=start, kv_end=end, mean_correction=True,
+                           config={"CORR_CHUNK": 16, "CORR_FLAGS": corr_flags})
+    want = oracle(q, k, v, index, count, 16, kv_start=start, kv_end=end)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, 16, None, start, end, round_probs=True,
+                                          mean_correction=True)
+    assert_close_to_reference(out, want, ref_lowp, f"right padding, CORR_FLAGS={corr_flags}")
+
+
 def test_kept_flags_mark_exactly_the_listed_ids(device):
     """The flag map: 1 at every listed id, 0 elsewhere, whatever lies past the counts."""
     from fp_kernels.sparse_attention import kept_flags

@@ -1,15 +1,12 @@
-"""Tile sweep for the sparse attention kernel: which (BLOCK_M, BLOCK_N, warps, stages) per head dim.
-
-    python benchmarks/sweep_tiles.py --seq-len 32768 --density 0.6
-
-Prints TFLOP/s of computed work per configuration (correctness checked first); the winners are
-the defaults in ``kernels/sparse_attention.py::tile_config`` (keyed by head dim, never by length).
+"""The mean correction's loop knobs on one GPU: overhead over the plain sparse kernel per setting.
 
     python benchmarks/sweep_tiles.py --mean-correction
 
-The mean correction's loop knobs (``CORR_CHUNK``, ``CORR_STAGES``, ``CORR_FLAGS``: the defaults in
-``tile_config``) at 32K and 128K on the operator's own lists, as overhead over the uncorrected
-kernel (CUDA-graph medians), then the whole operator with and without the correction; ~3 min.
+``CORR_CHUNK``, ``CORR_STAGES``, ``CORR_FLAGS`` (the defaults come from
+``fp_kernels.sparse_attention.tile_config``) at 32K and 128K on the operator's own lists, as overhead
+over the uncorrected kernel (CUDA-graph medians), then the whole operator with and without the
+correction; ~3 min. The sparse forward's tile space and the index stage's chunk and warp space are
+swept by ``benchmarks/routes_operator.py --part tiles`` and ``--part select``.
 """
 
 import argparse
@@ -20,31 +17,8 @@ import time
 import torch
 from fp_kernels.sparse_attention import sparse_attention
 
-from fp_tools.benchmark import causal_flops, list_density, median_ms, spot_check
-from fp_tools.synthetic import random_block_lists, structured_qkv
-
-
-def sweep_index(seq_len: int, dim: int, alpha: float = 0.18):
-    """Pool and select timings (plain and CUDA-graph) for the index-building stage."""
-    from fp_kernels import BlockRules
-    from fp_kernels.pool import pool_keys
-    from fp_kernels.select import select_blocks
-    from triton.testing import do_bench_cudagraph
-
-    q, k, v = structured_qkv(1, seq_len, 32, 8, dim, dtype=torch.bfloat16, device="cuda")
-    kbar = pool_keys(k, 128)
-    rules = BlockRules(alpha=alpha, block_size=128)
-    pool_ms = median_ms(pool_keys, k, 128)
-    print(f"index L={seq_len} D={dim} pool {pool_ms:.4f} ms "
-          f"(graph {do_bench_cudagraph(lambda: pool_keys(k, 128)):.4f})", flush=True)
-    for chunk, warps in itertools.product((32, 64, 128), (4, 8)):
-        cfg = {"CHUNK": chunk, "num_warps": warps}
-        try:
-            ms = median_ms(select_blocks, q, kbar, seq_len, rules, config=cfg)
-            graph = do_bench_cudagraph(lambda cfg=cfg: select_blocks(q, kbar, seq_len, rules, config=cfg))
-            print(f"index L={seq_len} D={dim} select {cfg} {ms:.4f} ms (graph {graph:.4f})", flush=True)
-        except Exception as exc:
-            print(f"index L={seq_len} D={dim} select {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+from fp_tools.benchmark import spot_check
+from fp_tools.synthetic import structured_qkv
 
 
 def _corr_variants(chunks, stages, flags):
@@ -168,51 +142,18 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seq-len", type=int, default=32768)
-    parser.add_argument("--density", type=float, default=0.6)
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="several lengths (overrides --seq-len)")
-    parser.add_argument("--index", action="store_true", help="sweep the index-building stage instead")
-    parser.add_argument("--mean-correction", action="store_true",
-                        help="sweep the mean correction's loop knobs instead (32K and 128K, ~3 min)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mean-correction", action="store_true", help="(the only sweep here; kept for old commands)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--corr-chunks", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--corr-stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--corr-flags", type=int, nargs="+", default=[1, 0], help="1: kept-flag map, 0: list walk")
     parser.add_argument("--walk-stages", type=int, nargs="+", default=[1, 2], help="stages tried with the walk")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no new variant after this")
     args = parser.parse_args()
-    if args.mean_correction:
-        sweep_mean_correction(tuple(args.seq_lens or (32768, 131072)), args.corr_chunks, args.corr_stages,
-                              [bool(f) for f in args.corr_flags], args.walk_stages, args.budget_s)
-        return
-    if args.index:
-        for seq_len, dim in itertools.product(args.seq_lens or [args.seq_len], args.head_dims):
-            sweep_index(seq_len, dim)
-        return
-    for seq_len, dim in itertools.product(args.seq_lens or [args.seq_len], args.head_dims):
-        heads, kv_heads = 32, 8
-        q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
-        index, count = random_block_lists(1, heads, seq_len, seq_len, 128, args.density, device="cuda")
-        density = list_density(count, seq_len, seq_len, 128)
-        flops = causal_flops(1, heads, seq_len, seq_len, dim) * density
-        space = itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (False, True), (False, True))
-        for bm, bn, warps, stages, tma, ws in space:
-            if (bm, warps) == (128, 4) or (bm, warps) == (64, 8):
-                continue  # the first sweep showed these lose everywhere
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
-                   "USE_TMA": tma, "WARP_SPECIALIZE": ws}
-            tag = f"L={seq_len} D={dim} density={density:.3f} {cfg}"
-            try:
-                out = sparse_attention(q, k, v, index, count, 128, config=cfg)
-                err = spot_check(q, k, v, out, index, count, 128, rows=16)
-                if err > 2e-2 or torch.isnan(out).any():
-                    print(f"{tag} WRONG err={err:.3g}")
-                    continue
-                ms = median_ms(sparse_attention, q, k, v, index, count, 128, config=cfg, rep=50)
-                print(f"{tag} {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-            except Exception as exc:  # out of shared memory / registers, or unsupported on this GPU
-                print(f"{tag} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    sweep_mean_correction(tuple(args.seq_lens), args.corr_chunks, args.corr_stages,
+                          [bool(f) for f in args.corr_flags], args.walk_stages, args.budget_s)
+
 
 if __name__ == "__main__":
     main()

@@ -414,9 +414,8 @@ def sparse_attention(
     if use_tma:
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
-    corr = {key: cfg.pop(key) for key in CORR_KEYS} if mean_correction else dict(_PLAIN_CORR)
-    cfg = {key: value for key, value in cfg.items() if key not in CORR_KEYS}
-    corr["CORR_FLAGS"] = bool(corr["CORR_FLAGS"])
+    corr = {key: cfg.pop(key) for key in CORR_KEYS}
+    corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"])) if mean_correction else dict(_PLAIN_CORR)
     use_flags = mean_correction and corr["CORR_FLAGS"]
     flags = kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if use_flags else block_count
     grid = (n_slots * (block_size // block_m), batch * hq)

@@ -87,6 +87,7 @@ def part_sparse(args, rows):
 def part_select(args, rows):
     rules = BlockRules(alpha=0.18, block_size=128)
     space = [{"CHUNK": c, "num_warps": w} for c, w in itertools.product((32, 64, 128), (4, 8))]
+    space += [{"CHUNK": c, "num_warps": 4, "SCORE_FP8": True} for c in (64, 128)]
     for seq_len in args.lengths:
         q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
                                  device="cuda", seed=seq_len)

@@ -44,7 +44,7 @@ def _score_row(
     q_base, stride_ql, kbar_base, stride_kj,
     row_base, t_lo, t_hi, qb, n_vis, n, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCORE_FP8: tl.constexpr,
 ):
     """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere.
 
@@ -80,7 +80,10 @@ def _score_row(
             last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
             # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
             # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
-            s = tl.dot(kbar.to(q.dtype), tl.trans(q)) * scale_log2
+            if SCORE_FP8:  # e4m3 operands, fp32 accumulation (a route of issue 17; not the default)
+                s = tl.dot(kbar.to(tl.float8e4nv), tl.trans(q.to(tl.float8e4nv))) * scale_log2
+            else:
+                s = tl.dot(kbar.to(q.dtype), tl.trans(q)) * scale_log2
             s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             # every slot has a valid row, so m_new is finite after the first tile with one
@@ -104,7 +107,7 @@ def _select_blocks_kernel(
     sink_blocks, window_blocks, last_dense_blocks, min_budget,
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr, SCORE: tl.constexpr, HAS_BUDGET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr, SCORE_FP8: tl.constexpr,
 ):
     s = n_slots - 1 - tl.program_id(0)  # long rows first
     bh = tl.program_id(1)
@@ -140,7 +143,7 @@ def _select_blocks_kernel(
                 Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_ql,
                 KBAR + b.to(tl.int64) * stride_kb + hkv * stride_kh, stride_kj,
                 row_base, t_lo, t_hi, qb, n_vis, end - start, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS, SCORE_FP8,
             )
             keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha
             if HAS_BUDGET:
@@ -186,7 +189,8 @@ def select_blocks(
 
     ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
     ``alpha == 0`` and ``min_budget == 0``: nothing is scored; then ``num_kv_heads`` gives ``Hkv``).
-    ``config`` overrides ``CHUNK`` (key blocks per dot) and ``num_warps`` for benchmarking. Returns
+    ``config`` overrides ``CHUNK`` (key blocks per dot) and ``num_warps`` for benchmarking (and
+    ``SCORE_FP8``: e4m3 dot operands, a measured route that changes the selection). Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
     float rounding of scores that sit on the threshold.
@@ -211,7 +215,7 @@ def select_blocks(
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
         kbar = q.new_zeros(1, 1, 1, dim)
-    cfg = {"CHUNK": _CHUNK, "num_warps": 4}
+    cfg = {"CHUNK": _CHUNK, "num_warps": 4, "SCORE_FP8": False}
     cfg.update(config or {})
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))

@@ -72,7 +72,7 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 def _attend_skipped_means(
     acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, flag_base, count, n_corr, n, d, d_ok,
     scale_log2, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
-    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
+    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr, CORR_LEAN: tl.constexpr,
 ):
     """Fold a stand-in column for every block ``j < n_corr`` missing from the ascending list
     ``index_base[:count]`` into the online softmax ``(acc, m_i, l_i)``.
@@ -88,17 +88,30 @@ def _attend_skipped_means(
     of exactly 1, so the result equals skipping it. The means and the probabilities enter the dots
     in the input dtype, as ``K``, ``V`` and ``P`` do in the main loop."""
     cols = tl.arange(0, CORR_CHUNK)
+    tile = cols[:, None] * stride_mj + d[None, :]  # int32 offsets inside a chunk; the bases advance
+    kbar_ptrs = kbar_head + tile
+    vbar_ptrs = vbar_head + tile
+    # log2 of a block's valid keys: log2(BLOCK_SIZE), but for the keys' last block (partial)
+    last = tl.maximum(n - 1, 0) // BLOCK_SIZE
+    log2_last = tl.log2((n - last * BLOCK_SIZE).to(tl.float32))
+    log2_full = tl.log2(tl.full([], BLOCK_SIZE, tl.float32))
     pos = tl.zeros([], dtype=tl.int32)
     for c0 in tl.range(0, n_corr, CORR_CHUNK, num_stages=CORR_STAGES):
         j = c0 + cols
         inb = j < n_corr
-        rows = j.to(tl.int64)[:, None] * stride_mj + d[None, :]
         if EVEN_D:
             mask = inb[:, None]
         else:
             mask = inb[:, None] & d_ok[None, :]
-        kbar = tl.load(kbar_head + rows, mask=mask, other=0.0)
-        vbar = tl.load(vbar_head + rows, mask=mask, other=0.0)
+        if CORR_LEAN:
+            kbar = tl.load(kbar_ptrs, mask=mask, other=0.0)
+            vbar = tl.load(vbar_ptrs, mask=mask, other=0.0)
+            kbar_ptrs += CORR_CHUNK * stride_mj
+            vbar_ptrs += CORR_CHUNK * stride_mj
+        else:
+            rows = j.to(tl.int64)[:, None] * stride_mj + d[None, :]
+            kbar = tl.load(kbar_head + rows, mask=mask, other=0.0)
+            vbar = tl.load(vbar_head + rows, mask=mask, other=0.0)
         if CORR_FLAGS:
             listed_here = tl.load(flag_base + j, mask=inb, other=0) != 0
         else:
@@ -108,8 +121,14 @@ def _attend_skipped_means(
             pos += tl.sum(((listed >= 0) & (listed < c0 + CORR_CHUNK)).to(tl.int32), axis=0)
         skipped = inb & (listed_here == 0)
         qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
-        size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
-        logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :], float("-inf"))
+        if CORR_LEAN:
+            # per column: log2 n_j for a skipped block, -inf (no stand-in) otherwise
+            bias = tl.where(skipped, tl.where(j == last, log2_last, log2_full), float("-inf"))
+            logit = qk * scale_log2 + bias[None, :]
+        else:
+            size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
+            logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :],
+                             float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logit, axis=1))
         # a row with no valid key and nothing skipped yet stays at -inf; it pivots on 0 (0 out, not NaN)
         pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -182,6 +201,7 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
+    CORR_LEAN: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -258,6 +278,7 @@ def _sparse_attention_kernel(
         acc, m_i, l_i = _attend_skipped_means(
             acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
             tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
+            CORR_LEAN,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
@@ -275,15 +296,15 @@ def compute_capability_major(device_index: int) -> int:
 # (columns of its two dots), software-pipelining stages of its loop, and how it learns which ids are
 # listed (a kept-flag map built by one small kernel, or a walk of the list). Without the correction
 # they are fixed, so the plain kernel compiles once whatever the config.
-CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS")
-_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False}
+CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS", "CORR_LEAN")
+_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False, "CORR_LEAN": False}
 
 
 @functools.cache
 def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
         cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1,
-               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True}
+               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True, "CORR_LEAN": True}
         return tuple(cfg.items())
     hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
@@ -299,7 +320,7 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
     # the correction's pipelined mean loads take (stages - 1) x 2 x chunk x D input-dtype elements of shared
     # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
     # before Hopper load them unpipelined (less shared memory there; not measured)
-    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True)
+    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True, CORR_LEAN=True)
     return tuple(cfg.items())
 
 
@@ -415,7 +436,10 @@ def sparse_attention(
         _ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr = {key: cfg.pop(key) for key in CORR_KEYS}
-    corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"])) if mean_correction else dict(_PLAIN_CORR)
+    if mean_correction:
+        corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"]), CORR_LEAN=bool(corr["CORR_LEAN"]))
+    else:
+        corr = dict(_PLAIN_CORR)
     use_flags = mean_correction and corr["CORR_FLAGS"]
     flags = kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if use_flags else block_count
     grid = (n_slots * (block_size // block_m), batch * hq)

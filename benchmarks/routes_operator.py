@@ -84,20 +84,42 @@ def part_sparse(args, rows):
         torch.cuda.empty_cache()
 
 
+def select_space() -> list[dict]:
+    """The scoring pass's variants: warps and chunk width, pipelining stages and register caps (a cap
+    of 128 lets 4 programs share an SM: ptxas spills nothing there, benchmarks/sm90_resources.py), and
+    e4m3 dots."""
+    space = [{}, {"num_warps": 8}, {"CHUNK": 32}, {"CHUNK": 128}]
+    space += [{"num_stages": st, "maxnreg": r} for st, r in ((2, None), (2, 168), (2, 128), (1, 128))]
+    space += [{"SCORE_FP8": True}]
+    return [{k: v for k, v in cfg.items() if v is not None} for cfg in space]
+
+
+def pool_space() -> list[dict]:
+    return [{}, {"ROWS": 64}, {"ROWS": 128}, {"ROWS": 128, "num_warps": 8}]
+
+
 def part_select(args, rows):
     rules = BlockRules(alpha=0.18, block_size=128)
-    space = [{"CHUNK": c, "num_warps": w} for c, w in itertools.product((32, 64, 128), (4, 8))]
-    space += [{"CHUNK": c, "num_warps": 4, "SCORE_FP8": True} for c in (64, 128)]
     for seq_len in args.lengths:
         q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
                                  device="cuda", seed=seq_len)
         kbar = pool_keys(k, 128)
         ref_index, ref_count = select_blocks(q, kbar, seq_len, rules)
         ref_mask = _mask(ref_index, ref_count)
-        line = {"part": "pool", "L": seq_len, "D": args.head_dim, "ms": graph_ms(partial(pool_keys, k, 128))}
-        rows.append(line)
-        print(json.dumps(line), flush=True)
-        for cfg in space:
+        for cfg in [{}] if args.defaults_only else pool_space():
+            for with_v in (False, True):
+                line = {"part": "pool", "L": seq_len, "D": args.head_dim, "config": cfg, "with_v": with_v}
+                extra = {"v": v} if with_v else {}
+                extra.update({"config": cfg} if cfg else {})
+                got = pool_keys(k, 128, **extra)
+                got = got[0] if with_v else got
+                line["max_abs_diff"] = float((got.float() - kbar.float()).abs().max())
+                line["ms"] = graph_ms(partial(pool_keys, k, 128, **extra))
+                moved = k.numel() * k.element_size() * (2 if with_v else 1)
+                line["TB/s"] = moved / line["ms"] / 1e9
+                rows.append(line)
+                print(json.dumps(line), flush=True)
+        for cfg in [{}] if args.defaults_only else select_space():
             line = {"part": "select", "L": seq_len, "D": args.head_dim, "config": cfg}
             try:
                 index, count = select_blocks(q, kbar, seq_len, rules, config=cfg)
@@ -151,6 +173,8 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", default=None, help="append the JSON lines here")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the default configs (e.g. an older fp_kernels on PYTHONPATH as the baseline)")
     args = parser.parse_args()
     if args.summarize:
         print(summarize(args.summarize))

@@ -87,6 +87,7 @@ def pool_keys(
     kv_end: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     v: torch.Tensor | None = None,
+    config: dict | None = None,
 ):
     """Mean key of every block: ``k [B, Lk, Hkv, D] -> [B, nkb, Hkv, D]`` (Triton).
 
@@ -97,6 +98,7 @@ def pool_keys(
 
     With ``v`` (``[B, Lk, Hkv, D]``, the values of the same tokens) the mean values of the same
     blocks are pooled in the same pass and ``(kbar, vbar)`` is returned (both ``out_dtype``).
+    ``config`` overrides ``ROWS`` (key rows summed per step) and ``num_warps`` for benchmarking.
     """
     batch, k_len, heads, dim = k.shape
     if k.stride(-1) != 1:
@@ -110,6 +112,8 @@ def pool_keys(
         has_ranges = kv_start is not None
         dummy = kbar if not has_ranges else None
         pool_v = v is not None
+        cfg = {"ROWS": min(block_size, 32), "num_warps": 4}
+        cfg.update(config or {})
         with launch_device(k):
             _pool_keys_kernel[(nkb, batch * heads)](
                 k, kbar, v if pool_v else k, vbar if pool_v else kbar,
@@ -119,7 +123,6 @@ def pool_keys(
                 kbar.stride(0), kbar.stride(1), kbar.stride(2),
                 k_len, heads,
                 HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
-                ROWS=min(block_size, 32), HAS_RANGES=has_ranges, POOL_V=pool_v,
-                num_warps=4,
+                HAS_RANGES=has_ranges, POOL_V=pool_v, **cfg,
             )
     return kbar if v is None else (kbar, vbar)

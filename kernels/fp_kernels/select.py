@@ -40,6 +40,55 @@ def slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(q_base, stride_ql, row_base, t, row_ok, d, HEAD_DIM: tl.constexpr):
+    return tl.load(q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
+                   mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _score_chunk(
+    q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n, scale_log2, c, q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+    CHUNK: tl.constexpr, MASKED: tl.constexpr, SCORE_FP8: tl.constexpr,
+):
+    """Scores (log2 units) of key blocks ``c * CHUNK + [0, CHUNK)``, ``-inf`` past ``n_vis``.
+
+    Without ``MASKED`` every row of the slot is valid and sees every block of the chunk whole (all of
+    them lie before the query block), so the raw dots need no mask: the row maximum is taken on
+    them and the scale enters once, in ``exp2(s * scale - m * scale)`` (one FMA per element; the
+    scale is positive, so it commutes with the maximum)."""
+    d = tl.arange(0, BLOCK_D)
+    j = c * CHUNK + tl.arange(0, CHUNK)
+    kbar = tl.load(kbar_base + j[:, None] * stride_kj + d[None, :],
+                   mask=(j < n_vis)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    m = tl.full([CHUNK], float("-inf"), tl.float32)
+    acc = tl.zeros([CHUNK], tl.float32)
+    last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
+    for r0 in range(0, BLOCK_SIZE, ROWS):
+        t = qb * BLOCK_SIZE + r0 + tl.arange(0, ROWS)
+        if BLOCK_SIZE == ROWS:
+            q_rows = q
+        else:
+            q_rows = _load_rows(q_base, stride_ql, row_base, t, (t >= t_lo) & (t < t_hi), d, HEAD_DIM)
+        # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
+        # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
+        if SCORE_FP8:  # e4m3 operands, fp32 accumulation (a route of issue 17; not the default)
+            s = tl.dot(kbar.to(tl.float8e4nv), tl.trans(q_rows.to(tl.float8e4nv)))
+        else:
+            s = tl.dot(kbar.to(q_rows.dtype), tl.trans(q_rows))
+        if MASKED:
+            # a row counts towards block j only if it sees all of j (row >= the block's last key)
+            row_ok = (t >= t_lo) & (t < t_hi)
+            s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # a block no row sees whole (past the diagonal) stays at -inf: pivot 0, sum 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * scale_log2
+        acc = acc * tl.exp2(m * scale_log2 - m_safe) + tl.sum(tl.exp2(s * scale_log2 - m_safe[:, None]), axis=1)
+        m = m_new
+    return tl.where(j < n_vis, m * scale_log2 + tl.log2(acc), float("-inf"))
+
+
+@triton.jit
 def _score_row(
     q_base, stride_ql, kbar_base, stride_kj,
     row_base, t_lo, t_hi, qb, n_vis, n, scale_log2,
@@ -48,49 +97,25 @@ def _score_row(
 ):
     """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere.
 
-    A row counts towards block ``j`` only if it sees all of ``j`` (row >= the block's last key), so
-    no query scores a mean that includes keys in its future."""
+    Chunks of blocks that lie wholly before the query block, in a slot whose rows are all valid,
+    run without masks; the rest (the diagonal's chunk, partial slots) with them."""
     d = tl.arange(0, BLOCK_D)
-    cols = tl.arange(0, CHUNK)
     chunk_ids = tl.arange(0, N_CHUNKS)
     scores = tl.full([N_CHUNKS, CHUNK], float("-inf"), tl.float32)
+    t = qb * BLOCK_SIZE + tl.arange(0, ROWS)
     if BLOCK_SIZE == ROWS:  # one row tile: load the queries once for all chunks
-        t = qb * BLOCK_SIZE + tl.arange(0, ROWS)
-        row_ok = (t >= t_lo) & (t < t_hi)
-        q = tl.load(
-            q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
-            mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
-        )
-    for c in range(0, tl.cdiv(n_vis, CHUNK)):
-        j = c * CHUNK + cols
-        kbar = tl.load(
-            kbar_base + j[:, None] * stride_kj + d[None, :],
-            mask=(j < n_vis)[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
-        )
-        m = tl.full([CHUNK], float("-inf"), tl.float32)
-        acc = tl.zeros([CHUNK], tl.float32)
-        for r0 in range(0, BLOCK_SIZE, ROWS):
-            if BLOCK_SIZE != ROWS:
-                t = qb * BLOCK_SIZE + r0 + tl.arange(0, ROWS)
-                row_ok = (t >= t_lo) & (t < t_hi)
-                q = tl.load(
-                    q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
-                    mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
-                )
-            last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
-            # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
-            # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
-            if SCORE_FP8:  # e4m3 operands, fp32 accumulation (a route of issue 17; not the default)
-                s = tl.dot(kbar.to(tl.float8e4nv), tl.trans(q.to(tl.float8e4nv))) * scale_log2
-            else:
-                s = tl.dot(kbar.to(q.dtype), tl.trans(q)) * scale_log2
-            s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            # every slot has a valid row, so m_new is finite after the first tile with one
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m = m_new
-        t_chunk = tl.where(j < n_vis, m + tl.log2(acc), float("-inf"))
+        q = _load_rows(q_base, stride_ql, row_base, t, (t >= t_lo) & (t < t_hi), d, HEAD_DIM)
+    else:  # each chunk loads its row tiles
+        q = None
+    full_rows = (t_lo == qb * BLOCK_SIZE) & (t_hi == (qb + 1) * BLOCK_SIZE)
+    n_plain = tl.where(full_rows, tl.minimum(qb, n_vis) // CHUNK, 0)
+    for c in range(0, n_plain):
+        t_chunk = _score_chunk(q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n,
+                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, False, SCORE_FP8)
+        scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
+    for c in range(n_plain, tl.cdiv(n_vis, CHUNK)):
+        t_chunk = _score_chunk(q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n,
+                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, True, SCORE_FP8)
         scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
     return scores
 

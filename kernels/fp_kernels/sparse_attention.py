@@ -72,7 +72,7 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 def _attend_skipped_means(
     acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, flag_base, count, n_corr, n, d, d_ok,
     scale_log2, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
-    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr, CORR_LEAN: tl.constexpr,
+    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr, CORR_LAZY: tl.constexpr,
 ):
     """Fold a stand-in column for every block ``j < n_corr`` missing from the ascending list
     ``index_base[:count]`` into the online softmax ``(acc, m_i, l_i)``.
@@ -103,15 +103,10 @@ def _attend_skipped_means(
             mask = inb[:, None]
         else:
             mask = inb[:, None] & d_ok[None, :]
-        if CORR_LEAN:
-            kbar = tl.load(kbar_ptrs, mask=mask, other=0.0)
-            vbar = tl.load(vbar_ptrs, mask=mask, other=0.0)
-            kbar_ptrs += CORR_CHUNK * stride_mj
-            vbar_ptrs += CORR_CHUNK * stride_mj
-        else:
-            rows = j.to(tl.int64)[:, None] * stride_mj + d[None, :]
-            kbar = tl.load(kbar_head + rows, mask=mask, other=0.0)
-            vbar = tl.load(vbar_head + rows, mask=mask, other=0.0)
+        kbar = tl.load(kbar_ptrs, mask=mask, other=0.0)
+        vbar = tl.load(vbar_ptrs, mask=mask, other=0.0)
+        kbar_ptrs += CORR_CHUNK * stride_mj
+        vbar_ptrs += CORR_CHUNK * stride_mj
         if CORR_FLAGS:
             listed_here = tl.load(flag_base + j, mask=inb, other=0) != 0
         else:
@@ -121,22 +116,33 @@ def _attend_skipped_means(
             pos += tl.sum(((listed >= 0) & (listed < c0 + CORR_CHUNK)).to(tl.int32), axis=0)
         skipped = inb & (listed_here == 0)
         qk = tl.dot(q, tl.trans(kbar.to(q.dtype)))
-        if CORR_LEAN:
-            # per column: log2 n_j for a skipped block, -inf (no stand-in) otherwise
-            bias = tl.where(skipped, tl.where(j == last, log2_last, log2_full), float("-inf"))
-            logit = qk * scale_log2 + bias[None, :]
-        else:
-            size = tl.maximum(tl.minimum((j + 1) * BLOCK_SIZE, n) - j * BLOCK_SIZE, 1)
-            logit = tl.where(skipped[None, :], qk * scale_log2 + tl.log2(size.to(tl.float32))[None, :],
-                             float("-inf"))
+        # per column: log2 n_j for a skipped block, -inf (no stand-in) otherwise
+        bias = tl.where(skipped, tl.where(j == last, log2_last, log2_full), float("-inf"))
+        logit = qk * scale_log2 + bias[None, :]
         m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-        # a row with no valid key and nothing skipped yet stays at -inf; it pivots on 0 (0 out, not NaN)
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(logit - pivot[:, None])
-        rescale = tl.exp2(m_i - pivot)
-        l_i = l_i * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
-        m_i = m_new
+        if CORR_LAZY:
+            # m_i is the pivot; it moves (and acc, l_i are rescaled) only when some row's max rises
+            # more than 8 above it, so p <= 2^8 and acc / l_i is unchanged; after the main loop the
+            # row max has settled and a skipped block rarely moves it: the [BLOCK_M, D] rescale is
+            # skipped on almost every chunk, at the price of one program-wide reduction
+            if tl.max((m_new > m_i + 8.0).to(tl.int32), axis=0) > 0:
+                pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+                rescale = tl.exp2(m_i - pivot)
+                l_i = l_i * rescale
+                acc = acc * rescale[:, None]
+                m_i = m_new
+            pivot = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp2(logit - pivot[:, None])
+            l_i += tl.sum(p, axis=1)
+            acc += tl.dot(p.to(q.dtype), vbar.to(q.dtype))
+        else:
+            # a row with no valid key and nothing skipped yet stays at -inf; it pivots on 0 (0 out, not NaN)
+            pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(logit - pivot[:, None])
+            rescale = tl.exp2(m_i - pivot)
+            l_i = l_i * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), vbar.to(q.dtype))
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -201,7 +207,7 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
-    CORR_LEAN: tl.constexpr,
+    CORR_LAZY: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -278,7 +284,7 @@ def _sparse_attention_kernel(
         acc, m_i, l_i = _attend_skipped_means(
             acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
             tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
-            CORR_LEAN,
+            CORR_LAZY,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
@@ -296,15 +302,15 @@ def compute_capability_major(device_index: int) -> int:
 # (columns of its two dots), software-pipelining stages of its loop, and how it learns which ids are
 # listed (a kept-flag map built by one small kernel, or a walk of the list). Without the correction
 # they are fixed, so the plain kernel compiles once whatever the config.
-CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS", "CORR_LEAN")
-_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False, "CORR_LEAN": False}
+CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS", "CORR_LAZY")
+_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False, "CORR_LAZY": False}
 
 
 @functools.cache
 def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
         cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1,
-               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True, "CORR_LEAN": True}
+               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True, "CORR_LAZY": False}
         return tuple(cfg.items())
     hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
@@ -320,7 +326,7 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
     # the correction's pipelined mean loads take (stages - 1) x 2 x chunk x D input-dtype elements of shared
     # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
     # before Hopper load them unpipelined (less shared memory there; not measured)
-    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True, CORR_LEAN=True)
+    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True, CORR_LAZY=False)
     return tuple(cfg.items())
 
 
@@ -437,7 +443,7 @@ def sparse_attention(
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr = {key: cfg.pop(key) for key in CORR_KEYS}
     if mean_correction:
-        corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"]), CORR_LEAN=bool(corr["CORR_LEAN"]))
+        corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"]), CORR_LAZY=bool(corr["CORR_LAZY"]))
     else:
         corr = dict(_PLAIN_CORR)
     use_flags = mean_correction and corr["CORR_FLAGS"]

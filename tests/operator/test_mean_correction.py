@@ -238,7 +238,7 @@ def chunked_lists(n_slots, heads, first_qb, n_blocks, device, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_correction_knobs_give_the_reference(dtype, device):
-    """CORR_CHUNK 32/64/128, CORR_FLAGS on/off and a CORR_STAGES value: the same result as the oracle on
+    """CORR_CHUNK 32/64/128, CORR_FLAGS on/off, CORR_STAGES and CORR_LAZY values: the same result as the oracle on
     rows that see ~300 key blocks (3 to 10 chunks), with ids skipped in several chunks and a chunk
     (ids 128-255) where nothing is skipped."""
     bs, q_len, k_len = 16, 40, 16 * 300
@@ -250,11 +250,39 @@ def test_correction_knobs_give_the_reference(dtype, device):
     budget = 3 * (ref_lowp.double() - want).abs().max().item() + 2e-5
     assert_discriminates(want, {"none": oracle(q, k, v, index, count, bs, rule="none")}, budget, "knobs")
     kbar, vbar = pool_keys(k, bs, v=v)
-    for chunk, flags, stages in [(32, True, 2), (64, True, 3), (128, True, 1), (32, False, 2), (128, False, 2)]:
-        cfg = {"CORR_CHUNK": chunk, "CORR_FLAGS": flags, "CORR_STAGES": stages}
+    variants = [(32, True, 2, False), (64, True, 3, False), (128, True, 1, False), (32, False, 2, False),
+                (128, False, 2, False), (64, True, 3, True), (32, False, 2, True)]
+    for chunk, flags, stages, lazy in variants:
+        cfg = {"CORR_CHUNK": chunk, "CORR_FLAGS": flags, "CORR_STAGES": stages, "CORR_LAZY": lazy}
         out = torch.full_like(q, float("nan"))
         sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True, kbar=kbar, vbar=vbar, config=cfg)
         assert_close_to_reference(out, want, ref_lowp, f"sparse_attention(mean_correction=True, config={cfg})")
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "every-chunk"])
+def test_a_skipped_block_above_the_row_max(lazy, device):
+    """A skipped block whose keys align with every query: its stand-in sits ~10 (log2) above the listed
+    keys' max, in the second of three chunks, so the pivot must move mid-loop (CORR_LAZY moves it only
+    past a rise of 8, then rescales): still the oracle's result."""
+    dtype = DTYPES[0]
+    bs, q_len, k_len = 16, 40, 16 * 96
+    q, k, v, *_ = make_case((1, q_len, k_len, 2, 1, 64, bs, 0.0, (0, 0, 0), None, ()), dtype, device, seed=15)
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(16)), dim=0)
+    q = q + (4 * u).to(device, dtype)
+    k[:, 50 * bs : 51 * bs] = (20 * u).to(device, dtype)
+    first_qb = (k_len - q_len) // bs
+    index = torch.zeros(1, 2, 3, k_len // bs, dtype=torch.int32)
+    for s in range(3):  # sinks and the window only: block 50 is skipped
+        index[0, :, s, :4] = torch.tensor([0, 1, first_qb + s - 1, first_qb + s], dtype=torch.int32)
+    index, count = index.to(device), torch.full((1, 2, 3), 4, dtype=torch.int32, device=device)
+    want = oracle(q, k, v, index, count, bs)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, bs, round_probs=True, mean_correction=True)
+    budget = 3 * (ref_lowp.double() - want).abs().max().item() + 2e-5
+    assert_discriminates(want, {"none": oracle(q, k, v, index, count, bs, rule="none")}, budget, "block 50")
+    out = torch.full_like(q, float("nan"))
+    sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True,
+                     config={"CORR_CHUNK": 32, "CORR_FLAGS": True, "CORR_STAGES": 2, "CORR_LAZY": lazy})
+    assert_close_to_reference(out, want, ref_lowp, f"a dominant skipped block, CORR_LAZY={lazy}")
 
 
 @pytest.mark.parametrize("corr_flags", [True, False], ids=["flags", "walk"])

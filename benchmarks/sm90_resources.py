@@ -1,0 +1,170 @@
+"""Compile the kernels for sm_90 on a machine without a GPU and report their resources.
+
+    PYTHONPATH=/path/to/triton-3.6:$PWD/kernels:$PWD python benchmarks/sm90_resources.py [--variants ...]
+
+The real launchers (``sparse_attention``, ``select_blocks``, ``pool_keys``) run on small CPU tensors;
+each ``kernel[grid](...)`` they make is caught, its arguments turned into a Triton signature and
+compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (the H100/H200). Printed per
+variant: registers per thread, spilled bytes (ptxas), shared memory and whether it compiled at all.
+A compile failure here is a compile failure on the GPU, at no device time; the numbers are those of
+the installed Triton (pin the GPU machines' version, 3.6, to match them). No timing: speed is
+measured on the GPU by ``routes_operator.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+DUMP_DIR = None  # --dump: write each compiled kernel's TTGIR and PTX there
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+           torch.int8: "i8", torch.int64: "i64"}
+
+
+def _signature(fn, args, kwargs):
+    """Triton signature, constexprs and divisibility attributes for a call ``fn[grid](*args, **kwargs)``."""
+    names = fn.arg_names
+    params = {p.name: p for p in fn.params}
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in params})
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = bound[name]
+        if params[name].is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _DTYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0 and value and not params[name].do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises it
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {type(value)}")
+    return signature, constexprs, attrs, options
+
+
+def _ptxas_report(ptx: str) -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    text = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.findall(r"(\d+) bytes spill stores", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    return {"regs": int(regs.group(1)) if regs else None, "spill_stores": sum(int(s) for s in spill),
+            "stack": int(stack.group(1)) if stack else None}
+
+
+class _Catch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` compiles for sm_90 instead of running."""
+
+    def __init__(self, fn, results, tag):
+        self.fn, self.results, self.tag = fn, results, tag
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            signature, constexprs, attrs, options = _signature(self.fn, args, kwargs)
+            row = {"kernel": self.fn.__name__, "variant": self.tag}
+            try:
+                src = ASTSource(self.fn, signature, constexprs, attrs)
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+                ttgir = compiled.asm["ttgir"]
+                if DUMP_DIR:
+                    stem = os.path.join(DUMP_DIR, f"{self.fn.__name__}-{len(self.results)}")
+                    for ext in ("ttgir", "ptx"):
+                        with open(f"{stem}.{ext}", "w") as fh:
+                            fh.write(compiled.asm[ext])
+                    row["dump"] = stem
+                row.update(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]),
+                           warp_specialized="ttg.warp_specialize" in ttgir, wgmma=ttgir.count("warp_group_dot"))
+            except Exception as exc:  # the compile error is the result
+                row["failed"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            self.results.append(row)
+            print(row, flush=True)
+
+        return launch
+
+
+@contextlib.contextmanager
+def catching(module, name, results, tag):
+    fn = getattr(module, name)
+    setattr(module, name, _Catch(fn, results, tag))
+    try:
+        yield
+    finally:
+        setattr(module, name, fn)
+
+
+def main():
+    from fp_kernels import BlockRules
+    from fp_kernels import pool as pool_mod
+    from fp_kernels import select as select_mod
+    from fp_kernels import sparse_attention as sparse_mod
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--sparse", nargs="*", default=["{}"], help="sparse_attention config dicts (Python literals)")
+    parser.add_argument("--select", nargs="*", default=["{}"], help="select_blocks config dicts")
+    parser.add_argument("--pool", nargs="*", default=[], help="pool_keys config dicts (keys and values)")
+    parser.add_argument("--mean-correction", action="store_true")
+    parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
+    args = parser.parse_args()
+    global DUMP_DIR
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        DUMP_DIR = args.dump
+    sparse_mod.compute_capability_major = lambda index: 9
+    sparse_mod._tile_config_cached.cache_clear()
+    sparse_mod._tma_ok = lambda *tensors: True  # (the GPU's strides and alignment allow it)
+    sparse_mod._ensure_tma_allocator = lambda: None
+    import ast
+
+    dim, bs, seq = args.head_dim, 128, 1024
+    q = torch.zeros(1, seq, 32, dim, dtype=torch.bfloat16)
+    k = torch.zeros(1, seq, 8, dim, dtype=torch.bfloat16)
+    nkb = seq // bs
+    index = torch.zeros(1, 32, nkb, nkb, dtype=torch.int32)
+    count = torch.ones(1, 32, nkb, dtype=torch.int32)
+    kbar = torch.zeros(1, nkb, 8, dim, dtype=torch.bfloat16)
+    results = []
+    for text in args.sparse:
+        cfg = ast.literal_eval(text)
+        with catching(sparse_mod, "_sparse_attention_kernel", results, text), \
+                catching(sparse_mod, "_kept_flags_kernel", results, text):
+            sparse_mod.sparse_attention(q, k, k, index, count, bs, config=cfg, mean_correction=args.mean_correction,
+                                        kbar=kbar, vbar=kbar)
+    for text in args.select:
+        cfg = ast.literal_eval(text)
+        with catching(select_mod, "_select_blocks_kernel", results, text):
+            select_mod.select_blocks(q, kbar, seq, BlockRules(alpha=0.18), config=cfg)
+    for text in args.pool:
+        cfg = ast.literal_eval(text)
+        with catching(pool_mod, "_pool_keys_kernel", results, text):
+            pool_mod.pool_keys(k, bs, v=k, config=cfg)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,21 @@ _CHUNK = 64  # key blocks scored per dot (H200, D=64/128/256: benchmarks/routes_
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 
+def _launch_config(dim: int, device: torch.device) -> dict:
+    """Pipelining stages and register cap of the scoring pass by head dim (CUDA only). Its loop waits on
+    each chunk's dot, so programs per SM, not prefetch depth, hide the latency: one stage and a register
+    cap let 4 (D=128, cap 128) or 3 (D=64, cap 168) programs share an SM instead of 2 (H100, D=128:
+    1.35x at 32K, 1.42x at 128K; benchmarks/routes_operator.py --part select). ptxas spills nothing at
+    these caps (benchmarks/sm90_resources.py); D=256 takes one stage without a cap (147 registers)."""
+    if device.type != "cuda":
+        return {}
+    if dim <= 64:
+        return {"num_stages": 1, "maxnreg": 168}
+    if dim <= 128:
+        return {"num_stages": 1, "maxnreg": 128}
+    return {"num_stages": 1}
+
+
 @triton.jit
 def slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
     """Local query block, row range ``[t_lo, t_hi)`` (local positions) and visible blocks of slot ``s``."""
@@ -214,7 +229,8 @@ def select_blocks(
 
     ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
     ``alpha == 0`` and ``min_budget == 0``: nothing is scored; then ``num_kv_heads`` gives ``Hkv``).
-    ``config`` overrides ``CHUNK`` (key blocks per dot) and ``num_warps`` for benchmarking (and
+    ``config`` overrides ``CHUNK`` (key blocks per dot), ``num_warps``, ``num_stages`` and ``maxnreg`` for
+    benchmarking (and
     ``SCORE_FP8``: e4m3 dot operands, a measured route that changes the selection). Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
@@ -240,7 +256,7 @@ def select_blocks(
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
         kbar = q.new_zeros(1, 1, 1, dim)
-    cfg = {"CHUNK": _CHUNK, "num_warps": 4, "SCORE_FP8": False}
+    cfg = {"CHUNK": _CHUNK, "num_warps": 4, "SCORE_FP8": False, **_launch_config(dim, q.device)}
     cfg.update(config or {})
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))

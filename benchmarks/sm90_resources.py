@@ -35,7 +35,7 @@ def _signature(fn, args, kwargs):
     """Triton signature, constexprs and divisibility attributes for a call ``fn[grid](*args, **kwargs)``."""
     names = fn.arg_names
     params = {p.name: p for p in fn.params}
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))  # (constexprs may come as keywords)
     bound.update({k: v for k, v in kwargs.items() if k in params})
     options = {k: v for k, v in kwargs.items() if k not in params}
     signature, constexprs, attrs = {}, {}, {}

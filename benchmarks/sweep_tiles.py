@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_tiles.py --mean-correction
 
-``CORR_CHUNK``, ``CORR_STAGES``, ``CORR_FLAGS``, ``CORR_TMA`` (the defaults come from
+``CORR_CHUNK``, ``CORR_STAGES``, ``CORR_FLAGS`` (the defaults come from
 ``fp_kernels.sparse_attention.tile_config``) at 32K and 128K on the operator's own lists, as overhead
 over the uncorrected kernel (CUDA-graph medians), then the whole operator with and without the
 correction; ~3 min. The sparse forward's tile space and the index stage's chunk and warp space are
@@ -21,15 +21,15 @@ from fp_tools.benchmark import spot_check
 from fp_tools.synthetic import structured_qkv
 
 
-def _corr_variants(chunks, stages, flags, tmas=(False,)):
+def _corr_variants(chunks, stages, flags):
     """Likely winners first (pipelined, then unpipelined), so a cut by the time budget drops the rest."""
-    grid = itertools.product(flags, stages, chunks, tmas)
-    order = sorted(grid, key=lambda c: (c[1] == 1, not c[0], c[1], abs(math.log2(c[2] / 64)), -c[2], not c[3]))
-    return [{"CORR_CHUNK": c, "CORR_STAGES": st, "CORR_FLAGS": f, "CORR_TMA": tma} for f, st, c, tma in order]
+    grid = itertools.product(flags, stages, chunks)
+    order = sorted(grid, key=lambda c: (c[1] == 1, not c[0], c[1], abs(math.log2(c[2] / 64)), -c[2]))
+    return [{"CORR_CHUNK": c, "CORR_STAGES": st, "CORR_FLAGS": f} for f, st, c in order]
 
 
 def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages=(1, 2, 3),
-                          flags=(True, False), walk_stages=(1, 2), budget_s=170.0, alpha=0.18, tmas=(False,)):
+                          flags=(True, False), walk_stages=(1, 2), budget_s=170.0, alpha=0.18):
     """Overhead of ``mean_correction=True`` over the plain sparse kernel per knob setting, on the
     operator's own lists (B=1, 32/8 heads, D=128, bf16, per-head selection), then the whole operator.
 
@@ -109,7 +109,7 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
             print(f"{line} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             return None
 
-    variants = [c for c in _corr_variants(chunks, stages, flags, tmas)
+    variants = [c for c in _corr_variants(chunks, stages, flags)
                 if c["CORR_FLAGS"] or c["CORR_STAGES"] in walk_stages]
     best = {case["L"]: (float("inf"), None) for case in cases}
     no_ws = {"WARP_SPECIALIZE": False}
@@ -149,13 +149,10 @@ def main():
     parser.add_argument("--corr-stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--corr-flags", type=int, nargs="+", default=[1, 0], help="1: kept-flag map, 0: list walk")
     parser.add_argument("--walk-stages", type=int, nargs="+", default=[1, 2], help="stages tried with the walk")
-    parser.add_argument("--corr-tma", type=int, nargs="+", default=[0],
-                        help="1: the means through tensor descriptors (CORR_TMA, sm_90+), 0: pointer loads")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no new variant after this")
     args = parser.parse_args()
     sweep_mean_correction(tuple(args.seq_lens), args.corr_chunks, args.corr_stages,
-                          [bool(f) for f in args.corr_flags], args.walk_stages, args.budget_s,
-                          tmas=tuple(bool(x) for x in args.corr_tma))
+                          [bool(f) for f in args.corr_flags], args.walk_stages, args.budget_s)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def _attend_block(acc, m_i, l_i, q, k, v, t, u, n, scale_log2, MASKED: tl.conste
 @triton.jit
 def _attend_skipped_means(
     acc, m_i, l_i, q, kbar_head, vbar_head, stride_mj, index_base, flag_base, count, n_corr, n, d, d_ok,
-    scale_log2, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr, CORR_TMA: tl.constexpr,
+    scale_log2, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
+    CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
 ):
     """Fold a stand-in column for every block ``j < n_corr`` missing from the ascending list
     ``index_base[:count]`` into the online softmax ``(acc, m_i, l_i)``.
@@ -91,10 +91,6 @@ def _attend_skipped_means(
     tile = cols[:, None] * stride_mj + d[None, :]  # int32 offsets inside a chunk; the bases advance
     kbar_ptrs = kbar_head + tile
     vbar_ptrs = vbar_head + tile
-    if CORR_TMA:
-        rows = tl.maximum(n_corr, 1)
-        kbar_desc = tl.make_tensor_descriptor(kbar_head, [rows, HEAD_DIM], [stride_mj, 1], [CORR_CHUNK, BLOCK_D])
-        vbar_desc = tl.make_tensor_descriptor(vbar_head, [rows, HEAD_DIM], [stride_mj, 1], [CORR_CHUNK, BLOCK_D])
     # log2 of a block's valid keys: log2(BLOCK_SIZE), but for the keys' last block (partial)
     last = tl.maximum(n - 1, 0) // BLOCK_SIZE
     log2_last = tl.log2((n - last * BLOCK_SIZE).to(tl.float32))
@@ -107,14 +103,10 @@ def _attend_skipped_means(
             mask = inb[:, None]
         else:
             mask = inb[:, None] & d_ok[None, :]
-        if CORR_TMA:  # no per-element addresses in registers; rows past n_corr read as 0 (masked below)
-            kbar = kbar_desc.load([c0, 0])
-            vbar = vbar_desc.load([c0, 0])
-        else:
-            kbar = tl.load(kbar_ptrs, mask=mask, other=0.0)
-            vbar = tl.load(vbar_ptrs, mask=mask, other=0.0)
-            kbar_ptrs += CORR_CHUNK * stride_mj
-            vbar_ptrs += CORR_CHUNK * stride_mj
+        kbar = tl.load(kbar_ptrs, mask=mask, other=0.0)
+        vbar = tl.load(vbar_ptrs, mask=mask, other=0.0)
+        kbar_ptrs += CORR_CHUNK * stride_mj
+        vbar_ptrs += CORR_CHUNK * stride_mj
         if CORR_FLAGS:
             listed_here = tl.load(flag_base + j, mask=inb, other=0) != 0
         else:
@@ -199,7 +191,6 @@ def _sparse_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RANGES: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MEAN_CORRECTION: tl.constexpr, CORR_CHUNK: tl.constexpr, CORR_STAGES: tl.constexpr, CORR_FLAGS: tl.constexpr,
-    CORR_TMA: tl.constexpr,
 ):
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -275,8 +266,7 @@ def _sparse_attention_kernel(
         flag_base = _flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK_SIZE - 1) // BLOCK_SIZE)
         acc, m_i, l_i = _attend_skipped_means(
             acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
-            tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, HEAD_DIM, BLOCK_D, CORR_CHUNK,
-            CORR_STAGES, CORR_FLAGS, CORR_TMA,
+            tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + (t + row_base).to(tl.int64)[:, None] * stride_ol
@@ -294,15 +284,15 @@ def compute_capability_major(device_index: int) -> int:
 # (columns of its two dots), software-pipelining stages of its loop, and how it learns which ids are
 # listed (a kept-flag map built by one small kernel, or a walk of the list). Without the correction
 # they are fixed, so the plain kernel compiles once whatever the config.
-CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS", "CORR_TMA")
-_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False, "CORR_TMA": False}
+CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS")
+_PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False}
 
 
 @functools.cache
 def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
         cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1,
-               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True, "CORR_TMA": False}
+               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True}
         return tuple(cfg.items())
     hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
@@ -318,7 +308,7 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
     # the correction's pipelined mean loads take (stages - 1) x 2 x chunk x D input-dtype elements of shared
     # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
     # before Hopper load them unpipelined (less shared memory there; not measured)
-    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True, CORR_TMA=hopper)
+    cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True)
     return tuple(cfg.items())
 
 
@@ -435,11 +425,7 @@ def sparse_attention(
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr = {key: cfg.pop(key) for key in CORR_KEYS}
     if mean_correction:
-        # the descriptors need sm_90+ and 16-byte aligned means (never under the interpreter)
-        tma = bool(corr["CORR_TMA"]) and not interpret and _tma_ok(kbar, vbar)
-        if tma:
-            _ensure_tma_allocator()
-        corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"]), CORR_TMA=tma)
+        corr = dict(corr, CORR_FLAGS=bool(corr["CORR_FLAGS"]))
     else:
         corr = dict(_PLAIN_CORR)
     use_flags = mean_correction and corr["CORR_FLAGS"]

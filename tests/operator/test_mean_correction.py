@@ -238,7 +238,7 @@ def chunked_lists(n_slots, heads, first_qb, n_blocks, device, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_correction_knobs_give_the_reference(dtype, device):
-    """CORR_CHUNK 32/64/128, CORR_FLAGS on/off, CORR_STAGES and CORR_TMA values (the descriptor loads run on sm_90+ only): the same result as the oracle on
+    """CORR_CHUNK 32/64/128, CORR_FLAGS on/off, CORR_STAGES values: the same result as the oracle on
     rows that see ~300 key blocks (3 to 10 chunks), with ids skipped in several chunks and a chunk
     (ids 128-255) where nothing is skipped."""
     bs, q_len, k_len = 16, 40, 16 * 300
@@ -250,17 +250,15 @@ def test_correction_knobs_give_the_reference(dtype, device):
     budget = 3 * (ref_lowp.double() - want).abs().max().item() + 2e-5
     assert_discriminates(want, {"none": oracle(q, k, v, index, count, bs, rule="none")}, budget, "knobs")
     kbar, vbar = pool_keys(k, bs, v=v)
-    variants = [(32, True, 2, False), (64, True, 3, False), (128, True, 1, False), (32, False, 2, False),
-                (128, False, 2, False), (64, True, 3, True), (128, True, 2, True), (32, False, 2, True)]
-    for chunk, flags, stages, tma in variants:
-        cfg = {"CORR_CHUNK": chunk, "CORR_FLAGS": flags, "CORR_STAGES": stages, "CORR_TMA": tma}
+    for chunk, flags, stages in [(32, True, 2), (64, True, 3), (128, True, 1), (32, False, 2), (128, False, 2)]:
+        cfg = {"CORR_CHUNK": chunk, "CORR_FLAGS": flags, "CORR_STAGES": stages}
         out = torch.full_like(q, float("nan"))
         sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True, kbar=kbar, vbar=vbar, config=cfg)
         assert_close_to_reference(out, want, ref_lowp, f"sparse_attention(mean_correction=True, config={cfg})")
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_a_skipped_block_above_the_row_max(tma, device):
+@pytest.mark.parametrize("flags", [True, False], ids=["flags", "walk"])
+def test_a_skipped_block_above_the_row_max(flags, device):
     """A skipped block whose keys align with every query: its stand-in sits ~10 (log2) above the listed
     keys' max, in the second of three chunks, so the pivot must move mid-loop: still the oracle's result."""
     dtype = DTYPES[0]
@@ -280,8 +278,8 @@ def test_a_skipped_block_above_the_row_max(tma, device):
     assert_discriminates(want, {"none": oracle(q, k, v, index, count, bs, rule="none")}, budget, "block 50")
     out = torch.full_like(q, float("nan"))
     sparse_attention(q, k, v, index, count, bs, out=out, mean_correction=True,
-                     config={"CORR_CHUNK": 32, "CORR_FLAGS": True, "CORR_STAGES": 2, "CORR_TMA": tma})
-    assert_close_to_reference(out, want, ref_lowp, f"a dominant skipped block, CORR_TMA={tma}")
+                     config={"CORR_CHUNK": 32, "CORR_FLAGS": flags, "CORR_STAGES": 2})
+    assert_close_to_reference(out, want, ref_lowp, f"a dominant skipped block, CORR_FLAGS={flags}")
 
 
 @pytest.mark.parametrize("corr_flags", [True, False], ids=["flags", "walk"])

@@ -5,8 +5,10 @@
     python benchmarks/routes_operator.py --part tiles --head-dim 64 --heads 14 --kv-heads 2
 
 ``sparse``: the default tile config with and without warp specialisation, on random block lists at
-6 / 60 / 100 % density. ``select``: the scoring pass per chunk width and warp count, with its
-selection compared to the default's. ``tiles``: the sparse forward's tile space for one head dim.
+6 / 60 / 100 % density. ``select``: key pooling per rows-per-step (K, K+V), and the scoring pass per
+chunk width, warp count, stages and register cap, with its selection compared to the default's
+(``--defaults-only`` with an older ``fp_kernels`` on ``PYTHONPATH`` times that baseline in the same
+session). ``tiles``: the sparse forward's tile space for one head dim.
 Measured earlier (benchmarks/results/routes_h200.md, each run with its commit): block ids loaded one
 step ahead and blocks x rows scoring dots won and are the kernels' code now; TMA loads and exp2 on the
 FMA units (half or all of the exponentials; ``FMA_SHARE`` at commit c797220) lost and were removed.
@@ -86,11 +88,10 @@ def part_sparse(args, rows):
 
 def select_space() -> list[dict]:
     """The scoring pass's variants: warps and chunk width, pipelining stages and register caps (a cap
-    of 128 lets 4 programs share an SM: ptxas spills nothing there, benchmarks/sm90_resources.py), and
-    e4m3 dots."""
+    of 128 lets 4 programs share an SM: ptxas spills nothing there, benchmarks/sm90_resources.py). e4m3
+    dots (SCORE_FP8 at commit c5ae459) were no faster and changed the selection: removed."""
     space = [{}, {"num_warps": 8}, {"CHUNK": 32}, {"CHUNK": 128}]
     space += [{"num_stages": st, "maxnreg": r} for st, r in ((2, None), (2, 168), (2, 128), (1, 128))]
-    space += [{"SCORE_FP8": True}]
     return [{k: v for k, v in cfg.items() if v is not None} for cfg in space]
 
 
@@ -142,6 +143,16 @@ def _mask(index, count):
     return mask[..., :nkb]
 
 
+def _select_row(r: dict) -> str:
+    if "ms" not in r:
+        return f"| {r['L']} | {r['part']} | {r.get('config')} | failed | - |"
+    if r["part"] == "pool":
+        what = "pool K+V" if r.get("with_v") else "pool K"
+        moved = f"{r['TB/s']:.2f} TB/s" if "TB/s" in r else "-"
+        return f"| {r['L']} | {what} | {r.get('config', {})} | {r['ms']:.4f} | {moved} |"
+    return f"| {r['L']} | select | {r.get('config')} | {r['ms']:.4f} | {r.get('decisions_differing', '-')} |"
+
+
 def summarize(path: str) -> str:
     """Markdown of a results file: one table per run, the variants side by side (ms or TFLOP/s)."""
     out = []
@@ -151,9 +162,8 @@ def summarize(path: str) -> str:
         out.append(f"### {args['part']}, {args['heads']} q / {args['kv_heads']} kv heads, D={args['head_dim']} "
                    f"({env.get('gpu')}, triton {env['triton']}, commit {env['commit']})\n")
         if args["part"] == "select":
-            out.append("| L | config | ms | decisions differing from the default |\n|---|---|---|---|")
-            out += [f"| {r['L']} | {r.get('config', 'pool')} | {r['ms']:.4f} | {r.get('decisions_differing', '-')} |"
-                    if "ms" in r else f"| {r['L']} | {r.get('config')} | failed | - |" for r in run["rows"]]
+            out.append("| L | stage | config | ms | decisions differing from the default / TB/s |\n|---|---|---|---|---|")
+            out += [_select_row(r) for r in run["rows"]]
         else:
             out.append("| L | target | density | config | ms | TFLOP/s |\n|---|---|---|---|---|---|")
             out += [f"| {r['L']} | {r['target']} | {r['density']:.3f} | {r['config']} | "

@@ -5,7 +5,8 @@
 The real launchers (``sparse_attention``, ``select_blocks``, ``pool_keys``) run on small CPU tensors;
 each ``kernel[grid](...)`` they make is caught, its arguments turned into a Triton signature and
 compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (the H100/H200). Printed per
-variant: registers per thread, spilled bytes (ptxas), shared memory and whether it compiled at all.
+variant: registers per thread, stack frame bytes (spills; cuobjdump), shared memory, whether the
+compiler warp-specialised the kernel, its wgmma count, and whether it compiled at all.
 A compile failure here is a compile failure on the GPU, at no device time; the numbers are those of
 the installed Triton (pin the GPU machines' version, 3.6, to match them). No timing: speed is
 measured on the GPU by ``routes_operator.py``.
@@ -14,7 +15,10 @@ measured on the GPU by ``routes_operator.py``.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import inspect
+import json
 import os
 import re
 import subprocess
@@ -24,6 +28,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import JITFunction
 
 DUMP_DIR = None  # --dump: write each compiled kernel's TTGIR and PTX there
 
@@ -37,7 +43,7 @@ def _signature(fn, args, kwargs):
     params = {p.name: p for p in fn.params}
     bound = dict(zip(names, args, strict=False))  # (constexprs may come as keywords)
     bound.update({k: v for k, v in kwargs.items() if k in params})
-    options = {k: v for k, v in kwargs.items() if k not in params}
+    options = {k: v for k, v in kwargs.items() if k not in params or k == "num_warps"}  # (Gluon takes it as both)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         value = bound[name]
@@ -60,35 +66,34 @@ def _signature(fn, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def _ptxas_report(ptx: str) -> dict:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack frame bytes (spills land there) of a compiled kernel, read by the
+    ``cuobjdump`` that Triton's wheel carries."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True)
-    text = res.stderr + res.stdout
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.findall(r"(\d+) bytes spill stores", text)
-    stack = re.search(r"(\d+) bytes stack frame", text)
-    return {"regs": int(regs.group(1)) if regs else None, "spill_stores": sum(int(s) for s in spill),
-            "stack": int(stack.group(1)) if stack else None}
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    return {"regs": int(usage["REG"]), "stack": int(usage.get("STACK", 0)), "local": int(usage.get("LOCAL", 0))}
 
 
 class _Catch:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` compiles for sm_90 instead of running."""
 
-    def __init__(self, fn, results, tag):
-        self.fn, self.results, self.tag = fn, results, tag
+    def __init__(self, fn, results, tag, originals):
+        self.fn, self.results, self.tag, self.originals = fn, results, tag, originals
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             signature, constexprs, attrs, options = _signature(self.fn, args, kwargs)
             row = {"kernel": self.fn.__name__, "variant": self.tag}
+            module = inspect.getmodule(self.fn.fn)
+            swapped = {name: getattr(module, name) for name in self.originals}
+            vars(module).update(self.originals)  # the kernel's helpers resolve to the real jit functions
             try:
-                src = ASTSource(self.fn, signature, constexprs, attrs)
+                src = (GluonASTSource if self.fn.is_gluon() else ASTSource)(self.fn, signature, constexprs, attrs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
                 ttgir = compiled.asm["ttgir"]
                 if DUMP_DIR:
@@ -97,24 +102,27 @@ class _Catch:
                         with open(f"{stem}.{ext}", "w") as fh:
                             fh.write(compiled.asm[ext])
                     row["dump"] = stem
-                row.update(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]),
+                row.update(shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"]),
                            warp_specialized="ttg.warp_specialize" in ttgir, wgmma=ttgir.count("warp_group_dot"))
             except Exception as exc:  # the compile error is the result
                 row["failed"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            finally:
+                vars(module).update(swapped)
             self.results.append(row)
-            print(row, flush=True)
+            print(json.dumps(row), flush=True)
 
         return launch
 
 
 @contextlib.contextmanager
-def catching(module, name, results, tag):
-    fn = getattr(module, name)
-    setattr(module, name, _Catch(fn, results, tag))
+def catching(module, results, tag):
+    """Every ``@triton.jit`` function of ``module`` compiles for sm_90 when launched, instead of running."""
+    originals = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
+    vars(module).update({name: _Catch(fn, results, tag, originals) for name, fn in originals.items()})
     try:
         yield
     finally:
-        setattr(module, name, fn)
+        vars(module).update(originals)
 
 
 def main():
@@ -126,7 +134,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--sparse", nargs="*", default=["{}"], help="sparse_attention config dicts (Python literals)")
-    parser.add_argument("--select", nargs="*", default=["{}"], help="select_blocks config dicts")
+    parser.add_argument("--select", nargs="*", default=["{}"],
+                        help="select_blocks config dicts (each on top of its CUDA launch_config)")
     parser.add_argument("--pool", nargs="*", default=[], help="pool_keys config dicts (keys and values)")
     parser.add_argument("--mean-correction", action="store_true")
     parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
@@ -135,11 +144,7 @@ def main():
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         DUMP_DIR = args.dump
-    sparse_mod.compute_capability_major = lambda index: 9
-    sparse_mod._tile_config_cached.cache_clear()
-    sparse_mod._tma_ok = lambda *tensors: True  # (the GPU's strides and alignment allow it)
-    sparse_mod._ensure_tma_allocator = lambda: None
-    import ast
+    sparse_mod.compute_capability_major = lambda index: 9  # tiles of a Hopper GPU (before any is cached)
 
     dim, bs, seq = args.head_dim, 128, 1024
     q = torch.zeros(1, seq, 32, dim, dtype=torch.bfloat16)
@@ -151,17 +156,16 @@ def main():
     results = []
     for text in args.sparse:
         cfg = ast.literal_eval(text)
-        with catching(sparse_mod, "_sparse_attention_kernel", results, text), \
-                catching(sparse_mod, "_kept_flags_kernel", results, text):
+        with catching(sparse_mod, results, text):
             sparse_mod.sparse_attention(q, k, k, index, count, bs, config=cfg, mean_correction=args.mean_correction,
                                         kbar=kbar, vbar=kbar)
     for text in args.select:
-        cfg = ast.literal_eval(text)
-        with catching(select_mod, "_select_blocks_kernel", results, text):
+        cfg = {**select_mod.launch_config(dim, torch.device("cuda")), **ast.literal_eval(text)}
+        with catching(select_mod, results, text):
             select_mod.select_blocks(q, kbar, seq, BlockRules(alpha=0.18), config=cfg)
     for text in args.pool:
         cfg = ast.literal_eval(text)
-        with catching(pool_mod, "_pool_keys_kernel", results, text):
+        with catching(pool_mod, results, text):
             pool_mod.pool_keys(k, bs, v=k, config=cfg)
     return results
 

@@ -25,7 +25,7 @@ _CHUNK = 64  # key blocks scored per dot (H200, D=64/128/256: benchmarks/routes_
 _MIN_ROW = 256  # the in-register score row is padded to at least this many blocks
 
 
-def _launch_config(dim: int, device: torch.device) -> dict:
+def launch_config(dim: int, device: torch.device) -> dict:
     """Pipelining stages and register cap of the scoring pass by head dim (CUDA only). Its loop waits on
     each chunk's dot, so programs per SM, not prefetch depth, hide the latency: one stage and a register
     cap let 4 (D=128, cap 128) or 3 (D=64, cap 168) programs share an SM instead of 2 (H100, D=128:
@@ -64,7 +64,7 @@ def _load_rows(q_base, stride_ql, row_base, t, row_ok, d, HEAD_DIM: tl.constexpr
 def _score_chunk(
     q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n, scale_log2, c, q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, MASKED: tl.constexpr, SCORE_FP8: tl.constexpr,
+    CHUNK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Scores (log2 units) of key blocks ``c * CHUNK + [0, CHUNK)``, ``-inf`` past ``n_vis``.
 
@@ -87,10 +87,7 @@ def _score_chunk(
             q_rows = _load_rows(q_base, stride_ql, row_base, t, (t >= t_lo) & (t < t_hi), d, HEAD_DIM)
         # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
         # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
-        if SCORE_FP8:  # e4m3 operands, fp32 accumulation (a route of issue 17; not the default)
-            s = tl.dot(kbar.to(tl.float8e4nv), tl.trans(q_rows.to(tl.float8e4nv)))
-        else:
-            s = tl.dot(kbar.to(q_rows.dtype), tl.trans(q_rows))
+        s = tl.dot(kbar.to(q_rows.dtype), tl.trans(q_rows))
         if MASKED:
             # a row counts towards block j only if it sees all of j (row >= the block's last key)
             row_ok = (t >= t_lo) & (t < t_hi)
@@ -108,7 +105,7 @@ def _score_row(
     q_base, stride_ql, kbar_base, stride_kj,
     row_base, t_lo, t_hi, qb, n_vis, n, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCORE_FP8: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
     """Scores (log2 units) of all visible blocks as a ``[N_CHUNKS, CHUNK]`` tile, ``-inf`` elsewhere.
 
@@ -126,11 +123,11 @@ def _score_row(
     n_plain = tl.where(full_rows, tl.minimum(qb, n_vis) // CHUNK, 0)
     for c in range(0, n_plain):
         t_chunk = _score_chunk(q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n,
-                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, False, SCORE_FP8)
+                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, False)
         scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
     for c in range(n_plain, tl.cdiv(n_vis, CHUNK)):
         t_chunk = _score_chunk(q_base, stride_ql, kbar_base, stride_kj, row_base, t_lo, t_hi, qb, n_vis, n,
-                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, True, SCORE_FP8)
+                               scale_log2, c, q, HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, True)
         scores = tl.where(chunk_ids[:, None] == c, t_chunk[None, :], scores)
     return scores
 
@@ -147,7 +144,7 @@ def _select_blocks_kernel(
     sink_blocks, window_blocks, last_dense_blocks, min_budget,
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr, SCORE: tl.constexpr, HAS_BUDGET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr, SCORE_FP8: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_RANGES: tl.constexpr,
 ):
     s = n_slots - 1 - tl.program_id(0)  # long rows first
     bh = tl.program_id(1)
@@ -183,7 +180,7 @@ def _select_blocks_kernel(
                 Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_ql,
                 KBAR + b.to(tl.int64) * stride_kb + hkv * stride_kh, stride_kj,
                 row_base, t_lo, t_hi, qb, n_vis, end - start, scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS, SCORE_FP8,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, ROWS, CHUNK, N_CHUNKS,
             )
             keep |= scores >= tl.max(tl.max(scores, axis=1), axis=0) + log2_alpha
             if HAS_BUDGET:
@@ -230,8 +227,7 @@ def select_blocks(
     ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
     ``alpha == 0`` and ``min_budget == 0``: nothing is scored; then ``num_kv_heads`` gives ``Hkv``).
     ``config`` overrides ``CHUNK`` (key blocks per dot), ``num_warps``, ``num_stages`` and ``maxnreg`` for
-    benchmarking (and
-    ``SCORE_FP8``: e4m3 dot operands, a measured route that changes the selection). Returns
+    benchmarking; none of them changes the selection. Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
     float rounding of scores that sit on the threshold.
@@ -256,7 +252,7 @@ def select_blocks(
         if score:
             raise ValueError("kbar is required when alpha > 0 or min_budget > 0")
         kbar = q.new_zeros(1, 1, 1, dim)
-    cfg = {"CHUNK": _CHUNK, "num_warps": 4, "SCORE_FP8": False, **_launch_config(dim, q.device)}
+    cfg = {"CHUNK": _CHUNK, "num_warps": 4, **launch_config(dim, q.device)}
     cfg.update(config or {})
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))

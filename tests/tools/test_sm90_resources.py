@@ -1,0 +1,33 @@
+"""benchmarks/sm90_resources.py compiles the kernels for sm_90 on a machine without a GPU (the installed
+Triton's compiler and the cuobjdump its Linux wheel carries): a resource row for a valid config, the
+compiler's error for an invalid one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_tool(*args: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "kernels"), str(ROOT)]))
+    env.pop("TRITON_INTERPRET", None)  # it compiles, it does not interpret
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_resources.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_pool_kernel_compiles_for_sm90_and_a_bad_config_fails():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton wheel carries no cuobjdump")
+    good, bad = run_tool("--sparse", "--select", "--pool", "{}", "{'ROWS': 48}")
+    assert good["kernel"] == "_pool_keys_kernel" and "failed" not in good, good
+    assert good["regs"] > 0 and good["shared"] > 0 and good["wgmma"] == 0
+    assert "failed" in bad and "regs" not in bad  # tl.arange needs a power of two

@@ -162,7 +162,8 @@ def summarize(path: str) -> str:
         out.append(f"### {args['part']}, {args['heads']} q / {args['kv_heads']} kv heads, D={args['head_dim']} "
                    f"({env.get('gpu')}, triton {env['triton']}, commit {env['commit']})\n")
         if args["part"] == "select":
-            out.append("| L | stage | config | ms | decisions differing from the default / TB/s |\n|---|---|---|---|---|")
+            out.append("| L | stage | config | ms | decisions differing from the default / TB/s |\n"
+                       "|---|---|---|---|---|")
             out += [_select_row(r) for r in run["rows"]]
         else:
             out.append("| L | target | density | config | ms | TFLOP/s |\n|---|---|---|---|---|---|")

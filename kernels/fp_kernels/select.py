@@ -30,14 +30,11 @@ def launch_config(dim: int, device: torch.device) -> dict:
     each chunk's dot, so programs per SM, not prefetch depth, hide the latency: one stage and a register
     cap let 4 (D=128, cap 128) or 3 (D=64, cap 168) programs share an SM instead of 2 (H100, D=128:
     1.35x at 32K, 1.42x at 128K; benchmarks/routes_operator.py --part select). ptxas spills nothing at
-    these caps (benchmarks/sm90_resources.py); D=256 takes one stage without a cap (147 registers)."""
-    if device.type != "cuda":
+    these caps (benchmarks/sm90_resources.py). D=256 keeps Triton's defaults (the caps gained nothing
+    measurable there)."""
+    if device.type != "cuda" or dim > 128:
         return {}
-    if dim <= 64:
-        return {"num_stages": 1, "maxnreg": 168}
-    if dim <= 128:
-        return {"num_stages": 1, "maxnreg": 128}
-    return {"num_stages": 1}
+    return {"num_stages": 1, "maxnreg": 168 if dim <= 64 else 128}
 
 
 @triton.jit

@@ -217,5 +217,7 @@ def test_repository_root_does_not_shadow_hf_kernels():
     assert proc.returncode == 0 and lines, f"import at the repository root failed:\n{proc.stderr[-6000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["path0"] == "", "python -c puts the current directory first on sys.path"
-    assert not result["kernels"].startswith(str(REPO)), f"the repository shadows kernels: {result['kernels']}"
+    # a path inside the repository, not one that merely starts with its name (/tmp/ci vs /tmp/civenv)
+    shadowed = Path(result["kernels"]).resolve().is_relative_to(REPO)
+    assert not shadowed, f"the repository shadows kernels: {result['kernels']}"
     assert result["fp"]

@@ -24,7 +24,7 @@ import json
 from functools import partial
 
 import torch
-import triton
+from fp_kernels.sparse_attention import ensure_tma_allocator
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -159,19 +159,13 @@ def _gluon_sparse_kernel(
     gl.store(ptrs, out.to(dtype), mask=(rows < seq_len)[:, None])
 
 
-_ALLOCATOR_SET = False
-
-
 def gluon_sparse_attention(q, k, v, block_index, block_count, block_size=128, stages=2, num_warps=8):
     """``fp_kernels.sparse_attention`` for ``Lq == Lk``, unpadded, per-head lists, D in {64, 128}."""
-    global _ALLOCATOR_SET
     batch, seq_len, hq, dim = q.shape
     hkv = k.shape[2]
     if block_size != 128 or dim not in (64, 128) or k.shape[1] != seq_len or block_index.shape[1] != hq:
         raise ValueError("prototype: Lq == Lk, per-head lists, 128-token blocks, D 64 or 128")
-    if not _ALLOCATOR_SET:  # device-side tensor descriptors need a scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    ensure_tma_allocator()  # the kernel builds its tensor descriptors on the device
     out = torch.empty_like(q)
     n_slots = block_count.shape[-1]
     layout = gl.NVMMASharedLayout.get_default_for([block_size, dim], gl.bfloat16 if q.dtype == torch.bfloat16

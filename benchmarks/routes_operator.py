@@ -111,7 +111,7 @@ def part_select(args, rows):
             for with_v in (False, True):
                 line = {"part": "pool", "L": seq_len, "D": args.head_dim, "config": cfg, "with_v": with_v}
                 extra = {"v": v} if with_v else {}
-                extra.update({"config": cfg} if cfg else {})
+                extra.update({"config": cfg} if cfg else {})  # (a baseline's pool_keys may have no config=)
                 got = pool_keys(k, 128, **extra)
                 got = got[0] if with_v else got
                 line["max_abs_diff"] = float((got.float() - kbar.float()).abs().max())

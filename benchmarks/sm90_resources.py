@@ -31,8 +31,6 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction
 
-DUMP_DIR = None  # --dump: write each compiled kernel's TTGIR and PTX there
-
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
            torch.int8: "i8", torch.int64: "i64"}
 
@@ -82,8 +80,8 @@ def _resource_usage(cubin: bytes) -> dict:
 class _Catch:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` compiles for sm_90 instead of running."""
 
-    def __init__(self, fn, results, tag, originals):
-        self.fn, self.results, self.tag, self.originals = fn, results, tag, originals
+    def __init__(self, fn, results, tag, originals, dump_dir):
+        self.fn, self.results, self.tag, self.originals, self.dump_dir = fn, results, tag, originals, dump_dir
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -96,8 +94,8 @@ class _Catch:
                 src = (GluonASTSource if self.fn.is_gluon() else ASTSource)(self.fn, signature, constexprs, attrs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
                 ttgir = compiled.asm["ttgir"]
-                if DUMP_DIR:
-                    stem = os.path.join(DUMP_DIR, f"{self.fn.__name__}-{len(self.results)}")
+                if self.dump_dir:
+                    stem = os.path.join(self.dump_dir, f"{self.fn.__name__}-{len(self.results)}")
                     for ext in ("ttgir", "ptx"):
                         with open(f"{stem}.{ext}", "w") as fh:
                             fh.write(compiled.asm[ext])
@@ -115,10 +113,11 @@ class _Catch:
 
 
 @contextlib.contextmanager
-def catching(module, results, tag):
-    """Every ``@triton.jit`` function of ``module`` compiles for sm_90 when launched, instead of running."""
+def catching(module, results, tag, dump_dir=None):
+    """Every ``@triton.jit`` function of ``module`` compiles for sm_90 when launched, instead of running
+    (its TTGIR and PTX written into ``dump_dir`` when given)."""
     originals = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
-    vars(module).update({name: _Catch(fn, results, tag, originals) for name, fn in originals.items()})
+    vars(module).update({name: _Catch(fn, results, tag, originals, dump_dir) for name, fn in originals.items()})
     try:
         yield
     finally:
@@ -140,10 +139,8 @@ def main():
     parser.add_argument("--mean-correction", action="store_true")
     parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
     args = parser.parse_args()
-    global DUMP_DIR
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
-        DUMP_DIR = args.dump
     sparse_mod.compute_capability_major = lambda index: 9  # tiles of a Hopper GPU (before any is cached)
 
     dim, bs, seq = args.head_dim, 128, 1024
@@ -156,16 +153,16 @@ def main():
     results = []
     for text in args.sparse:
         cfg = ast.literal_eval(text)
-        with catching(sparse_mod, results, text):
+        with catching(sparse_mod, results, text, args.dump):
             sparse_mod.sparse_attention(q, k, k, index, count, bs, config=cfg, mean_correction=args.mean_correction,
                                         kbar=kbar, vbar=kbar)
     for text in args.select:
         cfg = {**select_mod.launch_config(dim, torch.device("cuda")), **ast.literal_eval(text)}
-        with catching(select_mod, results, text):
+        with catching(select_mod, results, text, args.dump):
             select_mod.select_blocks(q, kbar, seq, BlockRules(alpha=0.18), config=cfg)
     for text in args.pool:
         cfg = ast.literal_eval(text)
-        with catching(pool_mod, results, text):
+        with catching(pool_mod, results, text, args.dump):
             pool_mod.pool_keys(k, bs, v=k, config=cfg)
     return results
 

@@ -75,19 +75,19 @@ def _score_chunk(
                    mask=(j < n_vis)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     m = tl.full([CHUNK], float("-inf"), tl.float32)
     acc = tl.zeros([CHUNK], tl.float32)
-    last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
     for r0 in range(0, BLOCK_SIZE, ROWS):
         t = qb * BLOCK_SIZE + r0 + tl.arange(0, ROWS)
+        row_ok = (t >= t_lo) & (t < t_hi)
         if BLOCK_SIZE == ROWS:
             q_rows = q
         else:
-            q_rows = _load_rows(q_base, stride_ql, row_base, t, (t >= t_lo) & (t < t_hi), d, HEAD_DIM)
+            q_rows = _load_rows(q_base, stride_ql, row_base, t, row_ok, d, HEAD_DIM)
         # blocks x rows: the reduction over rows runs along the dot's N axis, inside each warp
         # (rows x blocks reduced across warps through shared memory on every chunk, 1.3-1.7x slower)
         s = tl.dot(kbar.to(q_rows.dtype), tl.trans(q_rows))
         if MASKED:
             # a row counts towards block j only if it sees all of j (row >= the block's last key)
-            row_ok = (t >= t_lo) & (t < t_hi)
+            last_key = tl.minimum((j + 1) * BLOCK_SIZE, n) - 1
             s = tl.where(row_ok[None, :] & (t[None, :] >= last_key[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # a block no row sees whole (past the diagonal) stays at -inf: pivot 0, sum 0

@@ -339,8 +339,9 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 _TMA_ALLOCATOR_SET = False
 
 
-def _ensure_tma_allocator() -> None:
-    """Device-side tensor descriptors need a small global scratch buffer per launch."""
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a small global scratch buffer per launch (set once per
+    process; benchmarks/gluon_sparse_forward.py uses it too)."""
     global _TMA_ALLOCATOR_SET
     if not _TMA_ALLOCATOR_SET:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -421,7 +422,7 @@ def sparse_attention(
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)
     if use_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     warp_specialize = cfg.pop("WARP_SPECIALIZE", False)
     corr = {key: cfg.pop(key) for key in CORR_KEYS}
     if mean_correction:

@@ -159,177 +159,6 @@ def _gluon_sparse_kernel(
     gl.store(ptrs, out.to(dtype), mask=(rows < seq_len)[:, None])
 
 
-@gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, index_base,
-                 count, s, STAGES: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr):
-    """One warp: the two query halves, then the K and V tiles of every list entry into the ring, each slot
-    refilled once both consumers have released it."""
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [s * BLOCK, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [s * BLOCK + HALF, 0], q_bar, q_smem.index(1))
-    for i in range(count):
-        slot = i % STAGES
-        mbarrier.wait(empty_bars.index(slot), ((i // STAGES) & 1) ^ 1)  # (a fresh barrier passes phase 1)
-        kb = gl.load(index_base + i)
-        mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kb * BLOCK, 0], k_bars.index(slot), k_smem.index(slot))
-        mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kb * BLOCK, 0], v_bars.index(slot), v_smem.index(slot))
-
-
-@gluon.jit
-def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, turn_bars, out_base, stride_ol,
-                 index_base, count, s, seq_len, scale_log2, WHICH: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warpgroup: rows ``WHICH * HALF + [0, HALF)`` of the query tile, the prototype's loop (score dot of
-    block i and value dot of block i - 1 in flight together). With ``PINGPONG`` the two consumers take turns
-    to issue their dots (FlashAttention 3): one's softmax runs while the other's dots do."""
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    q = q_smem.index(WHICH)
-    t = s * BLOCK + WHICH * HALF + gl.arange(0, HALF, layout=row_s)
-    cols = gl.arange(0, BLOCK, layout=col_s)
-    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([HALF], gl.float32, layout=row_s)
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-    qk = gl.zeros([HALF, BLOCK], gl.float32, layout=s_layout)
-    p = gl.zeros([HALF, BLOCK], dtype, layout=p_layout)
-    my_turn = turn_bars.index(WHICH)
-    other_turn = turn_bars.index(1 - WHICH)
-    mbarrier.wait(q_bar, 0)
-    if count > 0:
-        if PINGPONG:
-            mbarrier.wait(my_turn, WHICH ^ 1)  # consumer 0 goes first
-        mbarrier.wait(k_bars.index(0), 0)
-        qk_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), qk, use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_tok,))
-        qk = _mask_last(qk, index_base, 0, count, t, cols, seq_len, BLOCK)
-        m_i, l_i, probs, alpha = _online_softmax(qk, m_i, l_i, scale_log2)
-        p = gl.convert_layout(probs.to(dtype), p_layout)
-        for i in range(1, count):
-            slot = i % STAGES
-            prev = (i - 1) % STAGES
-            if PINGPONG:
-                mbarrier.wait(my_turn, (i & 1) ^ WHICH ^ 1)
-            mbarrier.wait(k_bars.index(slot), (i // STAGES) & 1)
-            qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(prev), ((i - 1) // STAGES) & 1)
-            acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(other_turn, count=1)
-            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
-            qk = _mask_last(qk, index_base, i, count, t, cols, seq_len, BLOCK)
-            m_i, l_i, probs, alpha = _online_softmax(qk, m_i, l_i, scale_log2)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
-            mbarrier.arrive(empty_bars.index(prev), count=1)  # this consumer is done with block i - 1
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p = gl.convert_layout(probs.to(dtype), p_layout)
-        last = (count - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((count - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(last), acc)
-        mbarrier.arrive(empty_bars.index(last), count=1)
-    l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-    rows = s * BLOCK + WHICH * HALF + gl.arange(0, HALF, layout=row_o)
-    d = gl.arange(0, HEAD_DIM, layout=col_o)
-    gl.store(out_base + rows.to(gl.int64)[:, None] * stride_ol + d[None, :], out.to(dtype),
-             mask=(rows < seq_len)[:, None])
-
-
-@gluon.jit
-def _gluon_ws_kernel(
-    Q, K, V, OUT, INDEX, COUNT,
-    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
-    seq_len, num_heads, group, n_slots, scale_log2,
-    HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-    Q_LAYOUT: gl.constexpr, TILE_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-):
-    """Warp-specialised: a 1-warp TMA producer and two consumer warpgroups (64 query rows each) that share
-    the K/V ring (``num_warps`` must be 4: the default partition is consumer 0)."""
-    HALF: gl.constexpr = BLOCK // 2
-    s = n_slots - 1 - gl.program_id(0)  # long rows first
-    bh = gl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    hkv = h // group
-    dtype: gl.constexpr = Q.dtype.element_ty
-    q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h * stride_qh, [seq_len, HEAD_DIM],
-                                        [stride_ql, 1], [HALF, HEAD_DIM], Q_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + hkv * stride_kh, [seq_len, HEAD_DIM],
-                                        [stride_kl, 1], [BLOCK, HEAD_DIM], TILE_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + hkv * stride_vh, [seq_len, HEAD_DIM],
-                                        [stride_vl, 1], [BLOCK, HEAD_DIM], TILE_LAYOUT)
-    index_base = INDEX + b.to(gl.int64) * stride_ib + h * stride_ih + s * stride_is
-    count = gl.load(COUNT + b * stride_cb + h * stride_ch + s)
-    out_base = OUT + b.to(gl.int64) * stride_ob + h * stride_oh
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], Q_LAYOUT)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], TILE_LAYOUT)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], TILE_LAYOUT)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for st in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(st), count=1)
-        mbarrier.init(v_bars.index(st), count=1)
-        mbarrier.init(empty_bars.index(st), count=2)  # both consumers release a slot
-    for w in gl.static_range(2):
-        mbarrier.init(turn_bars.index(w), count=1)
-    gl.warp_specialize([
-        (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, turn_bars, out_base, stride_ol,
-                        index_base, count, s, seq_len, scale_log2, 0, HEAD_DIM, BLOCK, HALF, STAGES, PINGPONG)),
-        (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, turn_bars, out_base, stride_ol,
-                        index_base, count, s, seq_len, scale_log2, 1, HEAD_DIM, BLOCK, HALF, STAGES, PINGPONG)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars,
-                        index_base, count, s, STAGES, BLOCK, HALF)),
-    ], [4, 1], [240, 24])
-    mbarrier.invalidate(q_bar)
-    for st in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(st))
-        mbarrier.invalidate(v_bars.index(st))
-        mbarrier.invalidate(empty_bars.index(st))
-    for w in gl.static_range(2):
-        mbarrier.invalidate(turn_bars.index(w))
-
-
-def gluon_ws_sparse_attention(q, k, v, block_index, block_count, block_size=128, stages=2, pingpong=False):
-    """The warp-specialised variant (same restrictions as :func:`gluon_sparse_attention`)."""
-    batch, seq_len, hq, dim = q.shape
-    hkv = k.shape[2]
-    if block_size != 128 or dim not in (64, 128) or k.shape[1] != seq_len or block_index.shape[1] != hq:
-        raise ValueError("prototype: Lq == Lk, per-head lists, 128-token blocks, D 64 or 128")
-    ensure_tma_allocator()
-    out = torch.empty_like(q)
-    n_slots = block_count.shape[-1]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    _gluon_ws_kernel[(n_slots, batch * hq)](
-        q, k, v, out, block_index, block_count,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        block_index.stride(0), block_index.stride(1), block_index.stride(2),
-        block_count.stride(0), block_count.stride(1),
-        seq_len, hq, hq // hkv, n_slots, dim**-0.5 * 1.4426950408889634,
-        HEAD_DIM=dim, BLOCK=block_size, STAGES=stages, PINGPONG=pingpong,
-        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_size // 2, dim], gdt),
-        TILE_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_size, dim], gdt), num_warps=4, maxnreg=168,
-    )
-    return out
-
-
 def gluon_sparse_attention(q, k, v, block_index, block_count, block_size=128, stages=2, num_warps=8):
     """``fp_kernels.sparse_attention`` for ``Lq == Lk``, unpadded, per-head lists, D in {64, 128}."""
     batch, seq_len, hq, dim = q.shape
@@ -354,18 +183,23 @@ def gluon_sparse_attention(q, k, v, block_index, block_count, block_size=128, st
 
 
 def variants(stages_list):
-    """(name, runner) of every Gluon variant timed: the single-partition prototype, the warp-specialised kernel
-    and the warp-specialised kernel with ping-pong, each per ring depth."""
+    """(name, runner) of every variant timed beside the Triton kernel: the package's warp-specialised sm_90
+    kernel (``fp_kernels.sparse_attention_sm90``) per ring depth, and this file's single-partition prototype."""
     out = []
     for stages in stages_list:
-        out.append((f"gluon_s{stages}", partial(gluon_sparse_attention, stages=stages)))
-        out.append((f"ws_s{stages}", partial(gluon_ws_sparse_attention, stages=stages)))
-        out.append((f"ws_pp_s{stages}", partial(gluon_ws_sparse_attention, stages=stages, pingpong=True)))
+        out.append((f"sm90_s{stages}", partial(_package, config={"GLUON": True, "GLUON_STAGES": stages})))
+    out.append(("prototype_s3", partial(gluon_sparse_attention, stages=3)))
     return out
 
 
-def main():
+def _package(q, k, v, index, count, config):
     from fp_kernels.sparse_attention import sparse_attention
+
+    return sparse_attention(q, k, v, index, count, 128, config=config)
+
+
+def main():
+    from fp_kernels.sparse_attention import kernel_for, sparse_attention
     from triton.testing import do_bench_cudagraph
 
     from fp_tools.benchmark import causal_flops, dense_attention, environment, list_density, spot_check
@@ -377,7 +211,7 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="ring depths of the sm_90 kernel")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -389,12 +223,15 @@ def main():
         q, k, v = structured_qkv(1, seq_len, args.heads, args.kv_heads, args.head_dim, dtype=torch.bfloat16,
                                  device="cuda", seed=seq_len)
         flops = causal_flops(1, args.heads, seq_len, seq_len, args.head_dim)
-        cudnn_ms = float(do_bench_cudagraph(partial(dense_attention, q, k, v, "cudnn"), rep=60, return_mode="median"))
+        cudnn_ms = float(do_bench_cudagraph(dense_attention(q, k, v, "cudnn"), rep=60, return_mode="median"))
         for target in args.densities:
             index, count = random_block_lists(1, args.heads, seq_len, seq_len, 128, target, device="cuda",
                                               seed=seq_len)
             density = list_density(count, seq_len, seq_len, 128)
-            ours = sparse_attention(q, k, v, index, count, 128)
+            triton_only = {"GLUON": False}
+            ours = sparse_attention(q, k, v, index, count, 128, config=triton_only)
+            assert kernel_for(q, k, v, 128, config=triton_only) == "triton"
+            assert kernel_for(q, k, v, 128) == "gluon_sm90", "the package's default here is the sm_90 kernel"
             row = {"L": seq_len, "target": target, "density": density, "cudnn_dense_ms": cudnn_ms,
                    "cudnn_tflops": flops / cudnn_ms / 1e9,
                    "triton_ms": float(do_bench_cudagraph(partial(sparse_attention, q, k, v, index, count, 128),

@@ -129,6 +129,7 @@ def main():
     from fp_kernels import pool as pool_mod
     from fp_kernels import select as select_mod
     from fp_kernels import sparse_attention as sparse_mod
+    from fp_kernels import sparse_attention_sm90 as sm90_mod
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -137,6 +138,8 @@ def main():
                         help="select_blocks config dicts (each on top of its CUDA launch_config)")
     parser.add_argument("--pool", nargs="*", default=[], help="pool_keys config dicts (keys and values)")
     parser.add_argument("--mean-correction", action="store_true")
+    parser.add_argument("--sm90", nargs="*", type=int, default=[], metavar="STAGES",
+                        help="the Gluon kernel of fp_kernels.sparse_attention_sm90 at these ring depths")
     parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
     args = parser.parse_args()
     if args.dump:
@@ -156,6 +159,11 @@ def main():
         with catching(sparse_mod, results, text, args.dump):
             sparse_mod.sparse_attention(q, k, k, index, count, bs, config=cfg, mean_correction=args.mean_correction,
                                         kbar=kbar, vbar=kbar)
+    for stages in args.sm90:
+        corr = args.mean_correction
+        with catching(sm90_mod, results, f"sm90 STAGES={stages} mean_correction={corr}", args.dump):
+            sm90_mod.launch(q, k, k, torch.empty_like(q), index, count, None, None, kbar, kbar, count, 1.0, corr,
+                            stages)
     for text in args.select:
         cfg = {**select_mod.launch_config(dim, torch.device("cuda")), **ast.literal_eval(text)}
         with catching(select_mod, results, text, args.dump):

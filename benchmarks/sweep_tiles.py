@@ -38,7 +38,7 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
     always run."""
     from fp_kernels import BlockRules, flash_prefill
     from fp_kernels.pool import pool_keys
-    from fp_kernels.sparse_attention import CORR_KEYS, tile_config
+    from fp_kernels.sparse_attention import CORR_KEYS, kernel_for, tile_config
     from triton.testing import do_bench_cudagraph
 
     from fp_tools.benchmark import environment
@@ -64,8 +64,9 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
         case = {"L": seq_len, "q": q, "k": k, "v": v, "index": index, "count": count, "kbar": kbar,
                 "vbar": vbar, "density": float(info.density.mean())}
 
-        def plain(case=case, cfg=None):
-            return sparse_attention(case["q"], case["k"], case["v"], case["index"], case["count"], 128, config=cfg)
+        def plain(case=case, cfg=None):  # the Triton kernel, whose correction knobs are swept below
+            return sparse_attention(case["q"], case["k"], case["v"], case["index"], case["count"], 128,
+                                    config=cfg or {"GLUON": False})
 
         case["plain"] = plain
         plain()
@@ -76,7 +77,9 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
         bad = err > 2e-2 or bool(torch.isnan(out).any())
         whole_plain = graph_ms(lambda q=q, k=k, v=v: flash_prefill(q, k, v, rules=plain_rules))
         whole_corr = graph_ms(lambda q=q, k=k, v=v: flash_prefill(q, k, v, rules=corr_rules))
-        print(f"whole operator L={seq_len} density={case['density']:.1%} plain {whole_plain:.3f} ms, "
+        kernel = kernel_for(q, k, v, 128, True, kbar)
+        print(f"whole operator ({kernel} sparse forward) L={seq_len} density={case['density']:.1%} "
+              f"plain {whole_plain:.3f} ms, "
               f"mean_correction {whole_corr:.3f} ms: overhead {100 * (whole_corr / whole_plain - 1):+.1f}% "
               f"err={err:.2g}{' WRONG' if bad else ''} (before issue 18: +14.6% at 32K, +18.1% at 128K)",
               flush=True)
@@ -84,7 +87,7 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
         # block): the overhead if it ran at the main loop's speed
         stand_ins = torch.arange(count.shape[-1], device=count.device).double().sum() * count.shape[1]
         case["floor"] = float(stand_ins / (128 * count.double().sum()))
-        print(f"sparse_attention L={seq_len} density={case['density']:.1%} plain {case['plain_ms']:.3f} ms; "
+        print(f"sparse_attention (Triton) L={seq_len} density={case['density']:.1%} plain {case['plain_ms']:.3f} ms; "
               f"stand-in columns / main-loop columns {case['floor']:+.1%} (overhead at main-loop speed)", flush=True)
         cases.append(case)
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sparse_attention_sm90 as sm90
 from .backend import interpreter_enabled
 from .geometry import normalize_ranges, num_key_blocks
 from .pool import LENGTH_ARGS, launch_device, valid_range
@@ -292,7 +293,7 @@ _PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False}
 def _tile_config_cached(block_size: int, dim: int, device_index: int | None, interpret: bool) -> tuple:
     if interpret:
         cfg = {"BLOCK_M": min(block_size, 64), "BLOCK_N": min(block_size, 64), "num_warps": 4, "num_stages": 1,
-               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True}
+               "CORR_CHUNK": 64, "CORR_STAGES": 1, "CORR_FLAGS": True, "GLUON": False}
         return tuple(cfg.items())
     hopper = compute_capability_major(device_index) >= 9
     if dim <= 64:
@@ -309,6 +310,8 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
     # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
     # before Hopper load them unpipelined (less shared memory there; not measured)
     cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True)
+    # sm_90 exactly (its wgmma; not Blackwell's): the warp-specialised Gluon kernel (sparse_attention_sm90)
+    cfg["GLUON"] = compute_capability_major(device_index) == 9 and dim <= 128
     return tuple(cfg.items())
 
 
@@ -348,6 +351,23 @@ def ensure_tma_allocator() -> None:
         _TMA_ALLOCATOR_SET = True
 
 
+def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=None, config: dict | None = None) -> str:
+    """Which kernel :func:`sparse_attention` runs for these arguments: ``"gluon_sm90"`` (the warp-specialised
+    kernel of :mod:`fp_kernels.sparse_attention_sm90`: an sm_90 GPU, D 64 / 128, 128-token blocks, fp16 /
+    bf16, copy-engine-aligned tensors, means in the input dtype) or ``"triton"``. A pure function of the
+    arguments; ``config`` picks one with ``GLUON`` (True / False), and a config that sets any Triton-kernel
+    key (``BLOCK_M``, ``CORR_CHUNK``, ...) without ``GLUON`` times the Triton kernel."""
+    config = config or {}
+    interpret = interpreter_enabled()
+    if interpret or not q.is_cuda:
+        return "triton"
+    default = tile_config(block_size, q.shape[-1], q.device, interpret)["GLUON"]
+    wanted = config.get("GLUON", default and not (set(config) - {"GLUON_STAGES"}))
+    means = (kbar,) if mean_correction and kbar is not None else ()
+    ok = wanted and not interpret and sm90.supported(q, k, v, block_size, mean_correction, kbar)
+    return "gluon_sm90" if ok and _tma_ok(q, k, v, *means) else "triton"
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -374,7 +394,8 @@ def sparse_attention(
     (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) and the
     mean-correction loop's (``CORR_CHUNK``: block ids per chunk, a power of two >= 16;
     ``CORR_STAGES``: its pipelining stages; ``CORR_FLAGS``: a kept-flag map instead of the list walk)
-    for benchmarking; none of them changes what is computed. ``out`` (``[B, Lq, Hq, D]``,
+    for benchmarking, and ``GLUON`` / ``GLUON_STAGES`` (the sm_90 kernel or not, and its ring depth; see
+    :func:`kernel_for`); none of them changes what is computed. ``out`` (``[B, Lq, Hq, D]``,
     ``q.dtype``, unit last stride) is written in place when given; every element is written.
 
     ``mean_correction``: also add, for every key block ``j`` before a slot's query block that its
@@ -418,7 +439,24 @@ def sparse_attention(
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
     interpret = interpreter_enabled()
     cfg = tile_config(block_size, dim, q.device, interpret)
-    cfg.update(config or {})
+    config = dict(config or {})
+    if kernel_for(q, k, v, block_size, mean_correction, kbar, config) == "gluon_sm90":
+        stages = config.pop("GLUON_STAGES", sm90.STAGES)
+        config.pop("GLUON", None)
+        if config:
+            raise ValueError(f"the sm_90 kernel takes only GLUON and GLUON_STAGES, got {sorted(config)}")
+        ensure_tma_allocator()
+        flags = (kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if mean_correction
+                 else block_count)
+        with launch_device(q):
+            sm90.launch(q, k, v, out, block_index, block_count, kv_start if has_ranges else None,
+                        kv_end if has_ranges else None, kbar, vbar, flags, scale * 1.4426950408889634,
+                        mean_correction, stages)
+        return out
+    cfg.pop("GLUON", None)
+    config.pop("GLUON", None)
+    config.pop("GLUON_STAGES", None)
+    cfg.update(config)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)
     if use_tma:

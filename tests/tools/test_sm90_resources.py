@@ -31,3 +31,16 @@ def test_pool_kernel_compiles_for_sm90_and_a_bad_config_fails():
     assert good["kernel"] == "_pool_keys_kernel" and "failed" not in good, good
     assert good["regs"] > 0 and good["shared"] > 0 and good["wgmma"] == 0
     assert "failed" in bad and "regs" not in bad  # tl.arange needs a power of two
+
+
+def test_the_sm90_gluon_kernel_compiles_warp_specialised():
+    """The package's sm_90 kernel (fp_kernels.sparse_attention_sm90) compiles on the installed Triton (CI: the
+    CPU machine's; the GPU machines run 3.6) into producer and consumer partitions, with and without the mean
+    correction, and spills nothing beyond a few bytes."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton wheel carries no cuobjdump")
+    for corr in ([], ["--mean-correction"]):
+        (row,) = run_tool("--sparse", "--select", "--sm90", "3", *corr)
+        assert row["kernel"] == "_sparse_attention_sm90_kernel" and "failed" not in row, row
+        assert row["warp_specialized"] and row["wgmma"] > 0 and row["stack"] <= 16, row

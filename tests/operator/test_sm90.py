@@ -1,0 +1,73 @@
+"""The warp-specialised sm_90 sparse forward (fp_kernels.sparse_attention_sm90) against the fp32 reference.
+
+It is the default of ``sparse_attention`` on an sm_90 GPU for D 64 / 128 and 128-token blocks, so the
+GPU runs of test_kernels.py exercise it too; here every case asserts that it is the kernel that ran and
+covers what those do not: padding ranges, Lq < Lk, per-group lists, lists without the diagonal, an empty
+list, junk past the counts, and the mean correction (whose other tests pin the Triton kernel's knobs).
+Skipped off sm_90; on the CPU, tests/tools/test_sm90_resources.py compiles it for sm_90.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp_kernels import sparse_attention_reference
+from fp_kernels.pool import pool_keys
+from fp_kernels.sparse_attention import kernel_for, sparse_attention
+from support.kernel_checks import ON_GPU, assert_close_to_reference, case_id
+
+from fp_tools.synthetic import random_block_lists, structured_qkv
+
+pytestmark = pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] != 9, reason="an sm_90 GPU")
+
+# batch, q_len, k_len, hq, hkv, dim, ranges (kv_start, kv_end per batch row, or None)
+CASES = [
+    (1, 129, 129, 2, 2, 64, None),
+    (1, 1000, 1000, 4, 1, 64, None),
+    (2, 700, 1300, 4, 2, 128, None),
+    (2, 1200, 1200, 8, 2, 128, ([0, 300], [1200, 1000])),
+    (3, 640, 900, 4, 4, 128, ([0, 37, 500], [900, 870, 900])),
+    (1, 4224, 4224, 8, 2, 128, None),
+]
+IDS = [case_id(*c[:6], pad=int(c[6] is not None)) for c in CASES]
+
+
+@pytest.mark.parametrize("mean_correction", [False, True], ids=["plain", "mean-corr"])
+@pytest.mark.parametrize("per_group", [False, True], ids=["per-head", "per-group"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sm90_kernel_matches_reference(case, per_group, mean_correction):
+    batch, q_len, k_len, hq, hkv, dim, ranges = case
+    device = "cuda"
+    q, k, v = structured_qkv(batch, k_len, hq, hkv, dim, block_size=128, topics=4, seed=5, device=device)
+    q, k, v = (x.to(torch.bfloat16) for x in (q[:, k_len - q_len :], k, v))
+    start = end = None
+    if ranges is not None:
+        start = torch.tensor(ranges[0], device=device, dtype=torch.int32)
+        end = torch.tensor(ranges[1], device=device, dtype=torch.int32)
+    hsel = hkv if per_group else hq
+    index, count = random_block_lists(batch, hsel, q_len, k_len, 128, 0.4, device=device, kv_start=start,
+                                      kv_end=end, keep_diagonal=not mean_correction, seed=6)
+    count[0, -1, count.shape[-1] // 2] = 0  # an empty list: its rows get only the stand-ins (or 0)
+    past = torch.arange(index.shape[-1], device=device) >= count[..., None]
+    index = torch.where(past, torch.full_like(index, index.shape[-1] - 1), index)  # junk past the counts
+    means = pool_keys(k, 128, start, end, v=v) if mean_correction else (None, None)
+    assert kernel_for(q, k, v, 128, mean_correction, means[0]) == "gluon_sm90"
+    out = torch.full_like(q, float("nan"))
+    sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, out=out,
+                     mean_correction=mean_correction, kbar=means[0], vbar=means[1])
+    kw = {"kv_start": start, "kv_end": end, "mean_correction": mean_correction}
+    ref32 = sparse_attention_reference(q.float(), k.float(), v.float(), index, count, 128, **kw)
+    ref_lowp = sparse_attention_reference(q, k, v, index, count, 128, round_probs=True, **kw)
+    assert_close_to_reference(out, ref32, ref_lowp, "sm_90 kernel")
+    triton = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={"GLUON": False},
+                              mean_correction=mean_correction, kbar=means[0], vbar=means[1])
+    assert_close_to_reference(triton, ref32, ref_lowp, "Triton kernel")  # (the two agree through the reference)
+
+
+def test_a_triton_knob_selects_the_triton_kernel():
+    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
+    assert kernel_for(q, q, q, 128) == "gluon_sm90"
+    assert kernel_for(q, q, q, 128, config={"BLOCK_N": 64}) == "triton"
+    assert kernel_for(q, q, q, 128, config={"GLUON": False}) == "triton"
+    assert kernel_for(q, q, q, 64) == "triton"  # 64-token blocks
+    assert kernel_for(q.float(), q.float(), q.float(), 128) == "triton"

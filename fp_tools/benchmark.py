@@ -296,7 +296,7 @@ def run_benchmark(
         "sparse_targets": list(targets),
         "sparse_lists": "fp_tools.synthetic.random_block_lists (diagonal always listed), shared by ours and Flex",
     }, "rows": []}
-    from fp_kernels.sparse_attention import sparse_attention
+    from fp_kernels.sparse_attention import kernel_for, sparse_attention
 
     for seq_len in lengths:
         q, k, v = structured_qkv(1, seq_len, heads, kv_heads, dim, dtype=dtype, device="cuda",
@@ -353,6 +353,7 @@ def run_benchmark(
             density = list_density(count, seq_len, seq_len, block_size)
             row[f"{key}_density"] = density
             out = sparse_attention(q, k, v, index, count, block_size)
+            row["sparse_kernel"] = kernel_for(q, k, v, block_size)  # the kernel these rows timed
             if target == ALL_BLOCKS:
                 row["sparse_all_blocks_err_vs_dense"] = float(
                     (out.float() - ref_dense.float()).norm() / ref_dense.float().norm())

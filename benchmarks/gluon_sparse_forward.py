@@ -258,6 +258,34 @@ def main():
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"environment": env, "args": vars(args), "rows": rows}, fh, indent=1)
+        with open(args.out.removesuffix(".json") + ".md", "w") as fh:
+            fh.write(markdown(env, args, rows))
+
+
+def markdown(env, args, rows) -> str:
+    """The run as a Markdown table: TFLOP/s of computed work per kernel beside the density, and ratios."""
+    names = [name for name, _ in variants(args.stages) if args.only is None or name in args.only]
+    head = (f"Sparse forward on the same random lists, B=1, {args.heads} q / {args.kv_heads} kv heads, "
+            f"D={args.head_dim}, bf16; {env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, commit "
+            f"{env['commit']}, {env['date']}. `python benchmarks/gluon_sparse_forward.py --head-dim {args.head_dim} "
+            f"--heads {args.heads} --kv-heads {args.kv_heads} --stages {' '.join(map(str, args.stages))}`. "
+            "TFLOP/s of computed work (density x dense causal FLOPs); cuDNN: dense causal SDPA. Every output "
+            "was checked (fp32 spot check) before it was timed.\n\n")
+    from fp_kernels.sparse_attention_sm90 import STAGES
+
+    main = f"sm90_s{STAGES}" if f"sm90_s{STAGES}" in names else names[0]  # the package's default first
+    cols = ["L", "density", "cuDNN dense", "Triton kernel", *names, f"{main} / Triton", f"{main} / cuDNN"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        def tf(key, r=r):
+            return f"{r[key]:.0f}" if key in r else r.get(key.replace("_tflops", "_failed"), "wrong")[:40]
+        first = f"{main}_tflops"
+        ratios = [f"{r[first] / r['triton_tflops']:.2f}" if first in r else "-",
+                  f"{r[first] / r['cudnn_tflops']:.2f}" if first in r else "-"]
+        cells = [f"{r['L'] // 1024}K", f"{r['density']:.1%}", tf("cudnn_tflops"), tf("triton_tflops"),
+                 *[tf(f"{n}_tflops") for n in names], *ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

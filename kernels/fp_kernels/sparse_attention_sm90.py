@@ -84,28 +84,17 @@ def _softmax(logit, m_i, l_i):
 
 
 @gluon.jit
-def _listed_ids(flag_base, i, count, n_corr, cols, BLOCK: gl.constexpr, MEAN_CORRECTION: gl.constexpr):
-    """For a mean-key entry ``i >= count``: which ids of its chunk are listed (or past ``n_corr``), from the
-    flag map; loaded one entry ahead of its use, so the load's latency hides behind a step's dots."""
-    if MEAN_CORRECTION:
-        j = (i - count) * BLOCK + cols
-        listed = gl.load(flag_base + j, mask=(i >= count) & (j < n_corr), other=1) != 0
-    else:
-        listed = cols < 0
-    return listed
-
-
-@gluon.jit
-def _step_softmax(qk, m_i, l_i, i, count, index_base, listed, t, cols, n, scale_log2,
+def _step_softmax(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr, scale_log2,
                   BLOCK: gl.constexpr, MEAN_CORRECTION: gl.constexpr):
     """Entry ``i``'s online softmax step: a listed block's keys, or (``i >= count``) the stand-in columns of
     mean-key chunk ``i - count``: logit ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``,
-    ``-inf`` (no column) for a listed or later one (``listed``, from :func:`_listed_ids`)."""
+    ``-inf`` (no column) for a listed or later one."""
     if MEAN_CORRECTION:
         if i < count:
             logit = _mask_last(qk, i, count, index_base, t, cols, n, BLOCK) * scale_log2
         else:
             j = (i - count) * BLOCK + cols
+            listed = gl.load(flag_base + j, mask=j < n_corr, other=1) != 0
             last = gl.maximum(n - 1, 0) // BLOCK  # the keys' last block may be partial
             log2_n = gl.where(j == last, gl.log2((n - last * BLOCK).to(gl.float32)), 7.0)  # log2(BLOCK) = 7
             logit = qk * scale_log2 + gl.where(listed, float("-inf"), log2_n)[None, :]
@@ -144,15 +133,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_bas
     mbarrier.wait(q_bar, 0)
     if total > 0:
         mbarrier.wait(k_bars.index(0), 0)
-        listed = _listed_ids(flag_base, 0, count, n_corr, cols, BLOCK, MEAN_CORRECTION)
-        listed_next = _listed_ids(flag_base, 1, count, n_corr, cols, BLOCK, MEAN_CORRECTION)
         qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), qk, use_acc=False)
-        m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, 0, count, index_base, listed, t, cols, n, scale_log2,
-                                               BLOCK, MEAN_CORRECTION)
+        m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, 0, count, index_base, flag_base, t, cols, n, n_corr,
+                                               scale_log2, BLOCK, MEAN_CORRECTION)
         p = gl.convert_layout(probs.to(dtype), p_layout)
         for i in range(1, total):
-            listed = listed_next
-            listed_next = _listed_ids(flag_base, i + 1, count, n_corr, cols, BLOCK, MEAN_CORRECTION)
             slot = i % STAGES
             prev = (i - 1) % STAGES
             mbarrier.wait(k_bars.index(slot), (i // STAGES) & 1)
@@ -161,8 +146,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_bas
             mbarrier.wait(v_bars.index(prev), ((i - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
-            m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, i, count, index_base, listed, t, cols, n,
-                                                   scale_log2, BLOCK, MEAN_CORRECTION)
+            m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n,
+                                                   n_corr, scale_log2, BLOCK, MEAN_CORRECTION)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
             mbarrier.arrive(empty_bars.index(prev), count=1)  # this warpgroup is done with entry i - 1
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]

@@ -1,20 +1,17 @@
-"""A route of issue 17: the sparse forward written in Gluon, with the overlap Triton cannot express.
+"""The sparse forward on sm_90: the package's warp-specialised Gluon kernel against the Triton kernel.
 
-    python benchmarks/gluon_sparse_forward.py [--lengths 8192 32768] [--out results.json]
+    python benchmarks/gluon_sparse_forward.py [--lengths 8192 32768] [--stages 2 3] [--out results.json]
 
-Triton 3.6 waits on every score dot right after issuing it (a look-ahead ``q k^T`` of the next block
-is waited for before the softmax of the current one: TTGIR ``warp_group_dot_wait {pendings = 0}``),
-and its Hopper warp-specialisation pass does not fire on our loop (no ``ttg.warp_specialize`` in the
-TTGIR; benchmarks/sm90_resources.py shows both at no device time). Gluon issues the wgmma and waits
-where the kernel says: here the score dot of block ``i`` and the value dot of block ``i - 1`` are in
-flight together, and the softmax of block ``i`` runs while the value dot finishes (FlashAttention 3's
-intra-warpgroup overlap; one partition of 8 warps, K/V tiles in a ring of ``STAGES`` shared-memory
-buffers filled by the copy engine, each block's loads issued ``STAGES`` blocks ahead).
+Times, on the same random lists and in one process: cuDNN dense causal SDPA, the Triton kernel
+(``sparse_attention(..., config={"GLUON": False})``), ``fp_kernels.sparse_attention_sm90`` per ring depth
+(``GLUON_STAGES``), and this file's single-partition Gluon prototype (one partition of 8 warps; the score
+dot of block ``i`` and the value dot of block ``i - 1`` in flight together, K/V tiles in a copy-engine
+ring): the route that led to the package's kernel (Triton 3.6 neither warp-specialises our loop nor
+leaves a score dot in flight; benchmarks/sm90_resources.py shows both at no device time). The prototype
+takes ``Lq == Lk``, no padding ranges, per-head lists, D=64/128, blocks of 128, bf16/fp16.
 
-A prototype, not the package's kernel: ``Lq == Lk``, no padding ranges, per-head lists, D=64/128,
-blocks of 128, bf16/fp16. It is checked against an fp32 recomputation of sampled rows and against
-``fp_kernels.sparse_attention`` on the same random lists before anything is timed, and timed beside
-it (CUDA-graph medians). Hopper only.
+Every output is checked against an fp32 recomputation of sampled rows and against the Triton kernel
+before it is timed (CUDA-graph medians); ``--out`` writes JSON and a Markdown table. Hopper only.
 """
 
 from __future__ import annotations

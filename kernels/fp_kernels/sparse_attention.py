@@ -1,5 +1,9 @@
 """Stage 3: index-driven block-sparse causal attention forward.
 
+The Triton kernel below; on sm_90 at D=128 :func:`sparse_attention` launches the warp-specialised Gluon
+kernel of :mod:`fp_kernels.sparse_attention_sm90` instead (same lists, masks and correction; which one
+runs: :func:`kernel_for`).
+
 One program per (batch, query head, query tile). It walks its slot's compact list of key blocks
 and jumps straight to each one (FlashAttention-2 online softmax, base-2 exponentials). Only the
 last listed block can straddle the diagonal or the end of the valid keys (lists are ascending and

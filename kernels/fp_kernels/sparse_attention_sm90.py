@@ -16,9 +16,10 @@ correction), laid out as FlashAttention 3 does on sm_90, which plain Triton cann
   stand-in column ``scale q . kbar_j + log n_j`` for every skipped ``j`` into its online softmax (listed
   ids come from the kept-flag map of :func:`fp_kernels.sparse_attention.kept_flags`).
 
-Used by :func:`fp_kernels.sparse_attention` on sm_90 for D 64 / 128, 128-token blocks, fp16 / bf16
-and copy-engine-aligned tensors; everything else runs the Triton kernel. H100: 1.2x the Triton kernel at
-60-100 % density for L >= 32K (benchmarks/gluon_sparse_forward.py, results in benchmarks/results/).
+Used by :func:`fp_kernels.sparse_attention` on sm_90 for D=128 (D=64 with ``config={"GLUON": True}``),
+128-token blocks, fp16 / bf16 and copy-engine-aligned tensors; everything else runs the Triton kernel.
+H100: 1.24-1.26x the Triton kernel at 60-100 % density for L >= 32K, 0.89x at 6 % on 8K
+(benchmarks/gluon_sparse_forward.py; benchmarks/results/gluon_sparse_forward_h100_d128.md).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from .select import slot_rows
+
 # The one version switch of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
 # 3.7+ name it ``async_load`` (the old name raises). Same arguments. Both are compiled for sm_90 in CI
 # (tests/tools/test_sm90_resources.py) and 3.6 runs on the GPU machines.
@@ -200,16 +202,10 @@ def _sparse_attention_sm90_kernel(
     else:
         start = k_len * 0
         end = k_len
+    qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK)
     n = end - start
-    nkb = (n + BLOCK - 1) // BLOCK
-    t_first = gl.maximum(k_len - q_len - start, 0)
-    qb = t_first // BLOCK + s
-    t_lo = gl.maximum(qb * BLOCK, t_first)
-    t_hi = gl.minimum((qb + 1) * BLOCK, k_len - start)
-    n_vis = gl.minimum(qb, nkb - 1) + 1
     row_base = start - (k_len - q_len)  # local position t is query row t + row_base
     count = gl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
-    valid = (t_lo < t_hi) & (n > 0)
     count = gl.where(valid, count, 0)
     t_hi = gl.where(valid, t_hi, t_lo)
     n_corr = gl.minimum(qb, n_vis)

@@ -456,9 +456,9 @@ def sparse_attention(
         flags = (kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if mean_correction
                  else block_count)
         with launch_device(q):
-            sm90.launch(q, k, v, out, block_index, block_count, kv_start if has_ranges else None,
-                        kv_end if has_ranges else None, kbar, vbar, flags, scale * 1.4426950408889634,
-                        mean_correction, stages)
+            ranges = (kv_start.to(torch.int32), kv_end.to(torch.int32)) if has_ranges else (None, None)
+            sm90.launch(q, k, v, out, block_index, block_count, *ranges, kbar, vbar, flags,
+                        scale * 1.4426950408889634, mean_correction, stages)
         return out
     cfg.pop("GLUON", None)
     config.pop("GLUON", None)

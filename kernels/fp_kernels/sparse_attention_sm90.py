@@ -29,6 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from .pool import valid_range
 from .select import slot_rows
 
 # The one version switch of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
@@ -195,11 +196,10 @@ def _sparse_attention_sm90_kernel(
     else:
         hsel = h
         n_sel = num_q_heads
-    # the slot's geometry, as fp_kernels.select.slot_rows has it (local positions: key u is row start + u)
+    # the slot's geometry, as the selection has it (local positions: key u is row start + u)
     if HAS_RANGES:
-        start = gl.load(KV_START + b)
-        end = gl.load(KV_END + b)
-    else:
+        start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)  # clamped: 0 <= start <= end <= k_len
+    else:  # (valid_range's own zero is a Triton tensor without a Gluon layout)
         start = k_len * 0
         end = k_len
     qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK)

@@ -76,3 +76,19 @@ def test_a_triton_knob_selects_the_triton_kernel():
     assert kernel_for(q64, q64, q64, 128) == "triton"  # D=64: the Triton kernel unless asked
     assert kernel_for(q64, q64, q64, 128, config={"GLUON": True}) == "gluon_sm90"
     assert kernel_for(q.float(), q.float(), q.float(), 128) == "triton"
+
+
+def test_out_of_range_padding_is_clamped_as_documented():
+    """``kv_start``/``kv_end`` outside ``[0, Lk]`` act as if clamped there (docs/operator.md), as in the Triton
+    kernel: the same bits as the clamped ranges."""
+    q, k, v = structured_qkv(2, 1000, 4, 2, 128, block_size=128, topics=4, seed=7, device="cuda")
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    clamped = (torch.tensor([0, 200], device="cuda", dtype=torch.int32),
+               torch.tensor([1000, 1000], device="cuda", dtype=torch.int32))
+    raw = (torch.tensor([-50, 200], device="cuda"), torch.tensor([1000, 5000], device="cuda"))  # int64
+    index, count = random_block_lists(2, 4, 1000, 1000, 128, 0.5, device="cuda", kv_start=clamped[0],
+                                      kv_end=clamped[1], seed=8)
+    assert kernel_for(q, k, v, 128) == "gluon_sm90"
+    want = sparse_attention(q, k, v, index, count, 128, kv_start=clamped[0], kv_end=clamped[1])
+    got = sparse_attention(q, k, v, index, count, 128, kv_start=raw[0], kv_end=raw[1])
+    assert not torch.isnan(got).any() and torch.equal(got, want)

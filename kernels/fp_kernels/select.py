@@ -52,6 +52,13 @@ def slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def flag_row(FLAGS, b, h, s, n_heads, n_slots, width):
+    """Row ``(b, h, s)`` of a contiguous ``[B, n_heads, n_slots, width]`` per-slot map (the kept-flag map of
+    :func:`fp_kernels.sparse_attention.kept_flags`; both sparse kernels read it)."""
+    return FLAGS + ((b * n_heads + h) * n_slots + s).to(tl.int64) * width
+
+
+@triton.jit
 def _load_rows(q_base, stride_ql, row_base, t, row_ok, d, HEAD_DIM: tl.constexpr):
     return tl.load(q_base + (t + row_base).to(tl.int64)[:, None] * stride_ql + d[None, :],
                    mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)

@@ -41,7 +41,7 @@ from . import sparse_attention_sm90 as sm90
 from .backend import interpreter_enabled
 from .geometry import normalize_ranges, num_key_blocks
 from .pool import LENGTH_ARGS, launch_device, valid_range
-from .select import slot_rows
+from .select import flag_row, slot_rows
 
 
 @triton.jit
@@ -135,12 +135,6 @@ def _attend_skipped_means(
     return acc, m_i, l_i
 
 
-@triton.jit
-def _flag_row(FLAGS, b, h, s, n_heads, n_slots, width):
-    """Row ``(b, h, s)`` of the contiguous ``[B, n_heads, n_slots, width]`` flag map."""
-    return FLAGS + ((b * n_heads + h) * n_slots + s).to(tl.int64) * width
-
-
 @triton.jit(do_not_specialize=["n_slots", "width", "stride_ib", "stride_ih", "stride_is", "stride_cb", "stride_ch"])
 def _kept_flags_kernel(
     INDEX, COUNT, FLAGS,
@@ -155,7 +149,7 @@ def _kept_flags_kernel(
     h = bh % n_heads
     count = tl.load(COUNT + b * stride_cb + h * stride_ch + s)
     index_base = INDEX + b.to(tl.int64) * stride_ib + h * stride_ih + s * stride_is
-    flag_base = _flag_row(FLAGS, b, h, s, n_heads, n_slots, width)
+    flag_base = flag_row(FLAGS, b, h, s, n_heads, n_slots, width)
     cols = tl.arange(0, CHUNK)
     for p0 in range(0, count, CHUNK):
         at = p0 + cols
@@ -268,7 +262,7 @@ def _sparse_attention_kernel(
         n_sel = num_q_heads
         if SEL_GROUP:
             n_sel = num_q_heads // GROUP
-        flag_base = _flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK_SIZE - 1) // BLOCK_SIZE)
         acc, m_i, l_i = _attend_skipped_means(
             acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
             tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
@@ -371,7 +365,7 @@ def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=Non
     default = tile_config(block_size, q.shape[-1], q.device, interpret)["GLUON"]
     wanted = config.get("GLUON", default and not (set(config) - {"GLUON_STAGES"}))
     means = (kbar,) if mean_correction and kbar is not None else ()
-    ok = wanted and not interpret and sm90.supported(q, k, v, block_size, mean_correction, kbar)
+    ok = wanted and sm90.supported(q, k, v, block_size, mean_correction, kbar)
     return "gluon_sm90" if ok and _tma_ok(q, k, v, *means) else "triton"
 
 
@@ -444,8 +438,7 @@ def sparse_attention(
         )
     means = (kbar, vbar) if mean_correction else (block_count, block_count)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
-    interpret = interpreter_enabled()
-    cfg = tile_config(block_size, dim, q.device, interpret)
+    scale_log2 = scale * 1.4426950408889634
     config = dict(config or {})
     if kernel_for(q, k, v, block_size, mean_correction, kbar, config) == "gluon_sm90":
         stages = config.pop("GLUON_STAGES", sm90.STAGES)
@@ -457,9 +450,11 @@ def sparse_attention(
                  else block_count)
         with launch_device(q):
             ranges = (kv_start.to(torch.int32), kv_end.to(torch.int32)) if has_ranges else (None, None)
-            sm90.launch(q, k, v, out, block_index, block_count, *ranges, kbar, vbar, flags,
-                        scale * 1.4426950408889634, mean_correction, stages)
+            sm90.launch(q, k, v, out, block_index, block_count, *ranges, kbar, vbar, flags, scale_log2,
+                        mean_correction, stages)
         return out
+    interpret = interpreter_enabled()
+    cfg = tile_config(block_size, dim, q.device, interpret)
     cfg.pop("GLUON", None)
     config.pop("GLUON", None)
     config.pop("GLUON_STAGES", None)
@@ -488,7 +483,7 @@ def sparse_attention(
             block_index.stride(0), block_index.stride(1), block_index.stride(2),
             block_count.stride(0), block_count.stride(1),
             *mean_strides,
-            q_len, k_len, hq, n_slots, scale * 1.4426950408889634,
+            q_len, k_len, hq, n_slots, scale_log2,
             GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RANGES=has_ranges,

@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .pool import valid_range
-from .select import slot_rows
+from .select import flag_row, slot_rows
 
 # The one version switch of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
 # 3.7+ name it ``async_load`` (the old name raises). Same arguments. Both are compiled for sm_90 in CI
@@ -232,8 +232,7 @@ def _sparse_attention_sm90_kernel(
                                                [BLOCK, HEAD_DIM], TILE_LAYOUT)
         vbar_desc = tma.make_tensor_descriptor(VBAR + mean_off, [n_means, HEAD_DIM], [stride_mj, 1],
                                                [BLOCK, HEAD_DIM], TILE_LAYOUT)
-        width = (k_len + BLOCK - 1) // BLOCK  # the flag map is [B, Hsel, n_slots, width], contiguous
-        flag_base = FLAGS + ((b * n_sel + hsel) * n_slots + s).to(gl.int64) * width
+        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK - 1) // BLOCK)
     else:
         kbar_desc = k_desc
         vbar_desc = v_desc

@@ -77,7 +77,7 @@ def sweep_mean_correction(seq_lens=(32768, 131072), chunks=(32, 64, 128), stages
         bad = err > 2e-2 or bool(torch.isnan(out).any())
         whole_plain = graph_ms(lambda q=q, k=k, v=v: flash_prefill(q, k, v, rules=plain_rules))
         whole_corr = graph_ms(lambda q=q, k=k, v=v: flash_prefill(q, k, v, rules=corr_rules))
-        kernel = kernel_for(q, k, v, 128, True, kbar)
+        kernel = kernel_for(q, k, v, 128, True, kbar, vbar=vbar)
         print(f"whole operator ({kernel} sparse forward) L={seq_len} density={case['density']:.1%} "
               f"plain {whole_plain:.3f} ms, "
               f"mean_correction {whole_corr:.3f} ms: overhead {100 * (whole_corr / whole_plain - 1):+.1f}% "

@@ -351,7 +351,8 @@ def ensure_tma_allocator() -> None:
         _TMA_ALLOCATOR_SET = True
 
 
-def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=None, config: dict | None = None) -> str:
+def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=None, config: dict | None = None,
+               vbar=None) -> str:
     """Which kernel :func:`sparse_attention` runs for these arguments: ``"gluon_sm90"`` (the warp-specialised
     kernel of :mod:`fp_kernels.sparse_attention_sm90`: by default on an sm_90 GPU for D=128, 128-token blocks,
     fp16 / bf16, copy-engine-aligned tensors, means in the input dtype; ``config={"GLUON": True}`` takes it
@@ -364,7 +365,7 @@ def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=Non
         return "triton"
     default = tile_config(block_size, q.shape[-1], q.device, interpret)["GLUON"]
     wanted = config.get("GLUON", default and not (set(config) - {"GLUON_STAGES"}))
-    means = (kbar,) if mean_correction and kbar is not None else ()
+    means = tuple(x for x in (kbar, vbar) if x is not None) if mean_correction else ()  # both go through TMA
     ok = wanted and sm90.supported(q, k, v, block_size, mean_correction, kbar)
     return "gluon_sm90" if ok and _tma_ok(q, k, v, *means) else "triton"
 
@@ -440,7 +441,7 @@ def sparse_attention(
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
     scale_log2 = scale * 1.4426950408889634
     config = dict(config or {})
-    if kernel_for(q, k, v, block_size, mean_correction, kbar, config) == "gluon_sm90":
+    if kernel_for(q, k, v, block_size, mean_correction, kbar, config, vbar) == "gluon_sm90":
         stages = config.pop("GLUON_STAGES", sm90.STAGES)
         config.pop("GLUON", None)
         if config:

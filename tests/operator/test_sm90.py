@@ -53,7 +53,7 @@ def test_sm90_kernel_matches_reference(case, per_group, mean_correction):
     index = torch.where(past, torch.full_like(index, index.shape[-1] - 1), index)  # junk past the counts
     means = pool_keys(k, 128, start, end, v=v) if mean_correction else (None, None)
     config = {"GLUON": True} if dim == 64 else None  # (the default at D=128 only)
-    assert kernel_for(q, k, v, 128, mean_correction, means[0], config) == "gluon_sm90"
+    assert kernel_for(q, k, v, 128, mean_correction, means[0], config, vbar=means[1]) == "gluon_sm90"
     out = torch.full_like(q, float("nan"))
     sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, out=out, config=config,
                      mean_correction=mean_correction, kbar=means[0], vbar=means[1])
@@ -76,6 +76,12 @@ def test_a_triton_knob_selects_the_triton_kernel():
     assert kernel_for(q64, q64, q64, 128) == "triton"  # D=64: the Triton kernel unless asked
     assert kernel_for(q64, q64, q64, 128, config={"GLUON": True}) == "gluon_sm90"
     assert kernel_for(q.float(), q.float(), q.float(), 128) == "triton"
+    means = torch.zeros(2, 1, 2, 8, 128, dtype=torch.bfloat16, device="cuda")
+    kbar, vbar = means[0], means[1]
+    assert kernel_for(q, q, q, 128, True, kbar, vbar=vbar) == "gluon_sm90"
+    # the copy engine reads the mean values too: a misaligned vbar sends the call to the Triton kernel
+    off = torch.zeros(2 * 8 * 128 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(1, 2, 8, 128)
+    assert kernel_for(q, q, q, 128, True, kbar, vbar=off) == "triton"
 
 
 def test_out_of_range_padding_is_clamped_as_documented():

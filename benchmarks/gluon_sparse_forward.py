@@ -4,10 +4,11 @@
 
 Times, on the same random lists and in one process: cuDNN dense causal SDPA, the Triton kernel
 (``sparse_attention(..., config={"GLUON": False})``) and ``fp_kernels.sparse_attention_sm90`` per ring
-depth (``GLUON_STAGES``). Every output is checked against an fp32 recomputation of sampled rows and
-against the Triton kernel before it is timed (CUDA-graph medians); ``--out`` writes JSON and a Markdown
-table. Hopper only. (Until 8d9b697 this file also held the single-partition Gluon prototype that led to
-the package's kernel: its ``prototype_s3`` columns in results/ ran from that file at their commit.)
+depth (``GLUON_STAGES``), with one program per SM (the default) and one per work item. Every output is
+checked against an fp32 recomputation of sampled rows and against the Triton kernel before it is timed
+(CUDA-graph medians); ``--out`` writes JSON and a Markdown table. Hopper only. (Until 8d9b697 this file
+also held the single-partition Gluon prototype that led to the package's kernel: its ``prototype_s3``
+columns in results/ ran from that file at their commit.)
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from functools import partial
 
 import torch
 
+PER_ITEM = 2**31 - 1  # GLUON_PROGRAMS: one program per work item (the launch caps it at the item count)
+
 
 def variants(stages_list):
     """(name, runner) of every variant timed beside the Triton kernel: the package's warp-specialised sm_90
-    kernel (``fp_kernels.sparse_attention_sm90``) per ring depth."""
-    return [(f"sm90_s{stages}", partial(_package, config={"GLUON": True, "GLUON_STAGES": stages}))
-            for stages in stages_list]
+    kernel (``fp_kernels.sparse_attention_sm90``) per ring depth, with one program per SM (``sm90_s{n}``, the
+    default) and with one program per work item (``sm90_s{n}_per_item``, the launch before 2026-12-07's)."""
+    out = []
+    for stages in stages_list:
+        config = {"GLUON": True, "GLUON_STAGES": stages}
+        out.append((f"sm90_s{stages}", partial(_package, config=config)))
+        out.append((f"sm90_s{stages}_per_item", partial(_package, config={**config, "GLUON_PROGRAMS": PER_ITEM})))
+    return out
 
 
 def _package(q, k, v, index, count, config):
@@ -46,7 +54,7 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="ring depths of the sm_90 kernel")
+    parser.add_argument("--stages", type=int, nargs="+", default=[3], help="ring depths of the sm_90 kernel")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -109,14 +117,17 @@ def markdown(env, args, rows) -> str:
     from fp_kernels.sparse_attention_sm90 import STAGES
 
     main = f"sm90_s{STAGES}" if f"sm90_s{STAGES}" in names else names[0]  # the package's default first
-    cols = ["L", "density", "cuDNN dense", "Triton kernel", *names, f"{main} / Triton", f"{main} / cuDNN"]
+    cols = ["L", "density", "cuDNN dense", "Triton kernel", *names, f"{main} / Triton", f"{main} / cuDNN",
+            f"{main} / per item"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         def tf(key, r=r):
             return f"{r[key]:.0f}" if key in r else r.get(key.replace("_tflops", "_failed"), "wrong")[:40]
         first = f"{main}_tflops"
+        item = f"{main}_per_item_tflops"
         ratios = [f"{r[first] / r['triton_tflops']:.2f}" if first in r else "-",
-                  f"{r[first] / r['cudnn_tflops']:.2f}" if first in r else "-"]
+                  f"{r[first] / r['cudnn_tflops']:.2f}" if first in r else "-",
+                  f"{r[first] / r[item]:.2f}" if first in r and item in r else "-"]
         cells = [f"{r['L'] // 1024}K", f"{r['density']:.1%}", tf("cudnn_tflops"), tf("triton_tflops"),
                  *[tf(f"{n}_tflops") for n in names], *ratios]
         lines.append("| " + " | ".join(cells) + " |")

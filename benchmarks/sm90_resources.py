@@ -140,6 +140,7 @@ def main():
     parser.add_argument("--mean-correction", action="store_true")
     parser.add_argument("--sm90", nargs="*", type=int, default=[], metavar="STAGES",
                         help="the Gluon kernel of fp_kernels.sparse_attention_sm90 at these ring depths")
+    parser.add_argument("--ranges", action="store_true", help="the sm_90 kernel with padding ranges (kv_start/kv_end)")
     parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
     args = parser.parse_args()
     if args.dump:
@@ -159,11 +160,14 @@ def main():
         with catching(sparse_mod, results, text, args.dump):
             sparse_mod.sparse_attention(q, k, k, index, count, bs, config=cfg, mean_correction=args.mean_correction,
                                         kbar=kbar, vbar=kbar)
+    ranges = (None, None)
+    if args.ranges:
+        ranges = (torch.zeros(1, dtype=torch.int32), torch.full((1,), seq, dtype=torch.int32))
     for stages in args.sm90:
         corr = args.mean_correction
-        with catching(sm90_mod, results, f"sm90 STAGES={stages} mean_correction={corr}", args.dump):
-            sm90_mod.launch(q, k, k, torch.empty_like(q), index, count, None, None, kbar, kbar, count, 1.0, corr,
-                            stages)
+        tag = f"sm90 STAGES={stages} mean_correction={corr}" + (" ranges" if args.ranges else "")
+        with catching(sm90_mod, results, tag, args.dump):
+            sm90_mod.launch(q, k, k, torch.empty_like(q), index, count, *ranges, kbar, kbar, count, 1.0, corr, stages)
     for text in args.select:
         cfg = {**select_mod.launch_config(dim, torch.device("cuda")), **ast.literal_eval(text)}
         with catching(select_mod, results, text, args.dump):

@@ -284,6 +284,7 @@ def compute_capability_major(device_index: int) -> int:
 # listed (a kept-flag map built by one small kernel, or a walk of the list). Without the correction
 # they are fixed, so the plain kernel compiles once whatever the config.
 CORR_KEYS = ("CORR_CHUNK", "CORR_STAGES", "CORR_FLAGS")
+GLUON_KEYS = ("GLUON", "GLUON_STAGES", "GLUON_PROGRAMS")  # the sm_90 kernel's (kernel_for)
 _PLAIN_CORR = {"CORR_CHUNK": 16, "CORR_STAGES": 1, "CORR_FLAGS": False}
 
 
@@ -364,7 +365,7 @@ def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=Non
     if interpret or not q.is_cuda:
         return "triton"
     default = tile_config(block_size, q.shape[-1], q.device, interpret)["GLUON"]
-    wanted = config.get("GLUON", default and not (set(config) - {"GLUON_STAGES"}))
+    wanted = config.get("GLUON", default and not (set(config) - set(GLUON_KEYS)))
     means = tuple(x for x in (kbar, vbar) if x is not None) if mean_correction else ()  # both go through TMA
     ok = wanted and sm90.supported(q, k, v, block_size, mean_correction, kbar)
     return "gluon_sm90" if ok and _tma_ok(q, k, v, *means) else "triton"
@@ -396,8 +397,9 @@ def sparse_attention(
     (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ``WARP_SPECIALIZE``) and the
     mean-correction loop's (``CORR_CHUNK``: block ids per chunk, a power of two >= 16;
     ``CORR_STAGES``: its pipelining stages; ``CORR_FLAGS``: a kept-flag map instead of the list walk)
-    for benchmarking, and ``GLUON`` / ``GLUON_STAGES`` (the sm_90 kernel or not, and its ring depth; see
-    :func:`kernel_for`); none of them changes what is computed. ``out`` (``[B, Lq, Hq, D]``,
+    for benchmarking, and ``GLUON`` / ``GLUON_STAGES`` / ``GLUON_PROGRAMS`` (the sm_90 kernel or not, its
+    ring depth, and its number of programs, by default one per SM; see :func:`kernel_for`); none of them
+    changes what is computed. ``out`` (``[B, Lq, Hq, D]``,
     ``q.dtype``, unit last stride) is written in place when given; every element is written.
 
     ``mean_correction``: also add, for every key block ``j`` before a slot's query block that its
@@ -443,22 +445,23 @@ def sparse_attention(
     config = dict(config or {})
     if kernel_for(q, k, v, block_size, mean_correction, kbar, config, vbar) == "gluon_sm90":
         stages = config.pop("GLUON_STAGES", sm90.STAGES)
+        programs = config.pop("GLUON_PROGRAMS", None)
         config.pop("GLUON", None)
         if config:
-            raise ValueError(f"the sm_90 kernel takes only GLUON and GLUON_STAGES, got {sorted(config)}")
+            raise ValueError(f"the sm_90 kernel takes only {', '.join(GLUON_KEYS)}, got {sorted(config)}")
         ensure_tma_allocator()
         flags = (kept_flags(block_index, block_count, num_key_blocks(k_len, block_size)) if mean_correction
                  else block_count)
         with launch_device(q):
             ranges = (kv_start.to(torch.int32), kv_end.to(torch.int32)) if has_ranges else (None, None)
             sm90.launch(q, k, v, out, block_index, block_count, *ranges, kbar, vbar, flags, scale_log2,
-                        mean_correction, stages)
+                        mean_correction, stages, programs)
         return out
     interpret = interpreter_enabled()
     cfg = tile_config(block_size, dim, q.device, interpret)
     cfg.pop("GLUON", None)
-    config.pop("GLUON", None)
-    config.pop("GLUON_STAGES", None)
+    for key in GLUON_KEYS:
+        config.pop(key, None)
     cfg.update(config)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     use_tma = cfg.pop("USE_TMA", False) and not interpret and _tma_ok(k, v)

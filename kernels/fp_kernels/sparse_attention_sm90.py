@@ -45,29 +45,82 @@ STAGES = 3  # ring slots (D=128: 3 x 64 KiB of K+V tiles plus 32 KiB of queries,
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars,
-              empty_bars, index_base, count, total, q_row0, STAGES: gl.constexpr, BLOCK: gl.constexpr,
-              HALF: gl.constexpr):
-    """Ring entry ``i``: the K and V tiles of listed block ``index_base[i]`` for ``i < count``, then the
-    mean-key / mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``)."""
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma_load(q_desc, [q_row0, 0], q_bar, q_smem.index(0))  # rows out of range (even negative) read as 0
-    tma_load(q_desc, [q_row0 + HALF, 0], q_bar, q_smem.index(1))
-    for i in range(total):
-        slot = i % STAGES
-        mbarrier.wait(empty_bars.index(slot), ((i // STAGES) & 1) ^ 1)  # (a fresh barrier passes phase 1)
-        k_bar = k_bars.index(slot)
-        v_bar = v_bars.index(slot)
-        mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-        mbarrier.expect(v_bar, v_desc.block_type.nbytes)
-        if i < count:
-            row = gl.load(index_base + i) * BLOCK
-            tma_load(k_desc, [row, 0], k_bar, k_smem.index(slot))
-            tma_load(v_desc, [row, 0], v_bar, v_smem.index(slot))
+def _tile(w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
+          GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr,
+          BLOCK: gl.constexpr):
+    """Work item ``w``: (batch, query head, slot), the longest rows first over all heads, and its geometry
+    as the selection has it (local positions: key ``u`` is row ``start + u``). Every partition derives it."""
+    s = n_slots - 1 - w // n_bh
+    bh = w % n_bh
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hkv = h // GROUP
+    if SEL_GROUP:
+        hsel = hkv
+    else:
+        hsel = h
+    if HAS_RANGES:
+        start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)  # clamped: 0 <= start <= end <= k_len
+    else:  # (valid_range's own zero is a Triton tensor without a Gluon layout)
+        start = k_len * 0
+        end = k_len
+    qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK)
+    count = gl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
+    count = gl.where(valid, count, 0)
+    t_hi = gl.where(valid, t_hi, t_lo)
+    n_corr = gl.minimum(qb, n_vis)
+    if MEAN_CORRECTION:
+        total = count + gl.where(valid, (n_corr + BLOCK - 1) // BLOCK, 0)
+    else:
+        total = count
+    return b, h, hkv, hsel, s, start, end, qb, t_lo, t_hi, count, n_corr, total
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars,
+              empty_bars, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
+              n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP: gl.constexpr, SEL_GROUP: gl.constexpr,
+              HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr):
+    """Per work item: the two query halves (once the consumers are done with the last item's), then ring
+    entry ``i``: the K and V tiles of listed block ``index[i]`` for ``i < count``, then the mean-key /
+    mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``). The ring runs on across items."""
+    entry = 0
+    n_done = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, hkv, hsel, s, start, end, qb, t_lo, t_hi, count, n_corr, total = _tile(
+            w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
+            GROUP, SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, BLOCK)
+        if HAS_RANGES:  # this program's own descriptors start at its batch row's valid keys
+            kb = 0
         else:
-            row = (i - count) * BLOCK
-            tma_load(kbar_desc, [row, 0], k_bar, k_smem.index(slot))
-            tma_load(vbar_desc, [row, 0], v_bar, v_smem.index(slot))
+            kb = b
+        q_row = qb * BLOCK + start - (k_len - q_len)  # rows out of range (even negative) read as 0
+        mbarrier.wait(q_free, (n_done & 1) ^ 1)  # (a fresh barrier passes phase 1)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma_load(q_desc, [b, q_row, h, 0], q_bar, q_smem.index(0).reshape([1, HALF, 1, HEAD_DIM]))
+        tma_load(q_desc, [b, q_row + HALF, h, 0], q_bar, q_smem.index(1).reshape([1, HALF, 1, HEAD_DIM]))
+        index_base = INDEX + b.to(gl.int64) * stride_ib + hsel * stride_ih + s * stride_is
+        for i in range(total):
+            e = entry + i
+            slot = e % STAGES
+            mbarrier.wait(empty_bars.index(slot), ((e // STAGES) & 1) ^ 1)
+            k_bar = k_bars.index(slot)
+            v_bar = v_bars.index(slot)
+            k_dst = k_smem.index(slot).reshape([1, BLOCK, 1, HEAD_DIM])
+            v_dst = v_smem.index(slot).reshape([1, BLOCK, 1, HEAD_DIM])
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
+            mbarrier.expect(v_bar, v_desc.block_type.nbytes)
+            if i < count:
+                row = gl.load(index_base + i) * BLOCK
+                tma_load(k_desc, [kb, row, hkv, 0], k_bar, k_dst)
+                tma_load(v_desc, [kb, row, hkv, 0], v_bar, v_dst)
+            else:
+                row = (i - count) * BLOCK
+                tma_load(kbar_desc, [kb, row, hkv, 0], k_bar, k_dst)
+                tma_load(vbar_desc, [kb, row, hkv, 0], v_bar, v_dst)
+        entry += total
+        n_done += 1
 
 
 @gluon.jit
@@ -80,8 +133,34 @@ def _mask_last(qk, i, count, index_base, t, cols, n, BLOCK: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(logit, m_i, l_i):
-    """Online softmax step on logits in log2 units; a row with nothing attended yet pivots on 0 (0, not NaN)."""
+def _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK: gl.constexpr):
+    """Online softmax step over listed block ``i``'s keys (base 2). The scale enters once per element: the
+    row maximum is taken on the raw scores (the scale is > 0); a row with nothing attended yet pivots on 0
+    (0 out, not NaN)."""
+    qk = _mask_last(qk, i, count, index_base, t, cols, n, BLOCK)
+    m_new = gl.maximum(m_i, gl.max(qk, axis=1) * scale_log2)
+    m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+    probs = gl.exp2(qk * scale_log2 - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + gl.sum(probs, axis=1), probs, alpha
+
+
+@gluon.jit
+def _stand_in_step(qk, m_i, l_i, i, count, flag_base, cols, n, n_corr, scale_log2, BLOCK: gl.constexpr,
+                   HAS_RANGES: gl.constexpr):
+    """Online softmax step over the stand-in columns of mean-key chunk ``i - count``: logit
+    ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``, ``-inf`` (no column) for a listed or later one."""
+    j = (i - count) * BLOCK + cols
+    listed = gl.load(flag_base + j, mask=j < n_corr, other=1) != 0
+    if HAS_RANGES:
+        # only query rows past the end of the valid keys (padding on the right) see the keys' last block
+        # whole: then it is corrected, with its true length
+        last = gl.maximum(n - 1, 0) // BLOCK
+        log2_n = gl.where(j == last, gl.log2((n - last * BLOCK).to(gl.float32)), 7.0)  # log2(BLOCK) = 7
+        bias = gl.where(listed, float("-inf"), log2_n)
+    else:
+        bias = gl.where(listed, float("-inf"), 7.0)  # (j < n_corr = qb: never the last, partial, block)
+    logit = qk * scale_log2 + bias[None, :]
     m_new = gl.maximum(m_i, gl.max(logit, axis=1))
     pivot = gl.where(m_new == float("-inf"), 0.0, m_new)
     probs = gl.exp2(logit - pivot[:, None])
@@ -90,37 +169,29 @@ def _softmax(logit, m_i, l_i):
 
 
 @gluon.jit
-def _step_softmax(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr, scale_log2,
-                  BLOCK: gl.constexpr, MEAN_CORRECTION: gl.constexpr):
-    """Entry ``i``'s online softmax step: a listed block's keys, or (``i >= count``) the stand-in columns of
-    mean-key chunk ``i - count``: logit ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``,
-    ``-inf`` (no column) for a listed or later one."""
+def _step(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr, scale_log2, BLOCK: gl.constexpr,
+          MEAN_CORRECTION: gl.constexpr, HAS_RANGES: gl.constexpr):
+    """Ring entry ``i``'s online softmax step: a listed block's, or (``i >= count``) a mean-key chunk's."""
     if MEAN_CORRECTION:
         if i < count:
-            logit = _mask_last(qk, i, count, index_base, t, cols, n, BLOCK) * scale_log2
+            m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK)
         else:
-            j = (i - count) * BLOCK + cols
-            listed = gl.load(flag_base + j, mask=j < n_corr, other=1) != 0
-            last = gl.maximum(n - 1, 0) // BLOCK  # the keys' last block may be partial
-            log2_n = gl.where(j == last, gl.log2((n - last * BLOCK).to(gl.float32)), 7.0)  # log2(BLOCK) = 7
-            logit = qk * scale_log2 + gl.where(listed, float("-inf"), log2_n)[None, :]
-        return _softmax(logit, m_i, l_i)
+            m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, i, count, flag_base, cols, n, n_corr, scale_log2,
+                                                    BLOCK, HAS_RANGES)
     else:
-        # the scale enters once per element: the row maximum is taken on the raw scores (the scale is > 0)
-        qk = _mask_last(qk, i, count, index_base, t, cols, n, BLOCK)
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * scale_log2)
-        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-        probs = gl.exp2(qk * scale_log2 - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        return m_new, l_i * alpha + gl.sum(probs, axis=1), probs, alpha
+        m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK)
+    return m_i, l_i, probs, alpha
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_base, stride_ol, index_base,
-              flag_base, count, total, t0, t_lo, t_hi, row_base, n, n_corr, scale_log2, WHICH: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
-              MEAN_CORRECTION: gl.constexpr):
-    """Rows ``t0 + WHICH * HALF + [0, HALF)`` (local positions) over every ring entry, then the store."""
+def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
+              KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
+              n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, WHICH: gl.constexpr,
+              GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr,
+              MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr,
+              HALF: gl.constexpr):
+    """Per work item: rows ``t0 + WHICH * HALF + [0, HALF)`` (local positions) over its ring entries, then
+    their store (while the producer already fills the ring for the next item)."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
@@ -130,47 +201,69 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_bas
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     q = q_smem.index(WHICH)
-    t = t0 + WHICH * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-    qk = gl.zeros([HALF, BLOCK], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
-    if total > 0:
-        mbarrier.wait(k_bars.index(0), 0)
-        qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), qk, use_acc=False)
-        m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, 0, count, index_base, flag_base, t, cols, n, n_corr,
-                                               scale_log2, BLOCK, MEAN_CORRECTION)
-        p = gl.convert_layout(probs.to(dtype), p_layout)
-        for i in range(1, total):
-            slot = i % STAGES
-            prev = (i - 1) % STAGES
-            mbarrier.wait(k_bars.index(slot), (i // STAGES) & 1)
-            qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
-            # the value dot of entry i - 1 runs beside this entry's score dot and softmax
-            mbarrier.wait(v_bars.index(prev), ((i - 1) // STAGES) & 1)
-            acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
-            m_i, l_i, probs, alpha = _step_softmax(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n,
-                                                   n_corr, scale_log2, BLOCK, MEAN_CORRECTION)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
-            mbarrier.arrive(empty_bars.index(prev), count=1)  # this warpgroup is done with entry i - 1
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    n_keys = (k_len + BLOCK - 1) // BLOCK  # the kept-flag map's row width
+    if SEL_GROUP:
+        n_sel = num_q_heads // GROUP
+    else:
+        n_sel = num_q_heads
+    entry = 0
+    n_done = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, hkv, hsel, s, start, end, qb, t_lo, t_hi, count, n_corr, total = _tile(
+            w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
+            GROUP, SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, BLOCK)
+        n = end - start
+        t0 = qb * BLOCK + WHICH * HALF
+        index_base = INDEX + b.to(gl.int64) * stride_ib + hsel * stride_ih + s * stride_is
+        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, n_keys)
+        t = t0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+        qk = gl.zeros([HALF, BLOCK], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, n_done & 1)
+        if total > 0:
+            mbarrier.wait(k_bars.index(entry % STAGES), (entry // STAGES) & 1)
+            qk = warpgroup_mma(q, k_smem.index(entry % STAGES).permute((1, 0)), qk, use_acc=False)
+            m_i, l_i, probs, alpha = _step(qk, m_i, l_i, 0, count, index_base, flag_base, t, cols, n, n_corr,
+                                           scale_log2, BLOCK, MEAN_CORRECTION, HAS_RANGES)
             p = gl.convert_layout(probs.to(dtype), p_layout)
-        last = (total - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((total - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(last), acc)
-        mbarrier.arrive(empty_bars.index(last), count=1)
-    l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-    rows = t0 + WHICH * HALF + gl.arange(0, HALF, layout=row_o)
-    d = gl.arange(0, HEAD_DIM, layout=col_o)
-    ptrs = out_base + (rows + row_base).to(gl.int64)[:, None] * stride_ol + d[None, :]
-    gl.store(ptrs, out.to(dtype), mask=((rows >= t_lo) & (rows < t_hi))[:, None])
+            for i in range(1, total):
+                e = entry + i
+                slot = e % STAGES
+                prev = (e - 1) % STAGES
+                mbarrier.wait(k_bars.index(slot), (e // STAGES) & 1)
+                qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
+                # the value dot of entry i - 1 runs beside this entry's score dot and softmax
+                mbarrier.wait(v_bars.index(prev), ((e - 1) // STAGES) & 1)
+                acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
+                m_i, l_i, probs, alpha = _step(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr,
+                                               scale_log2, BLOCK, MEAN_CORRECTION, HAS_RANGES)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+                mbarrier.arrive(empty_bars.index(prev), count=1)  # this warpgroup is done with entry i - 1
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p = gl.convert_layout(probs.to(dtype), p_layout)
+            mbarrier.arrive(q_free, count=1)  # every score dot of the item is done: the next queries may come
+            last = (entry + total - 1) % STAGES
+            mbarrier.wait(v_bars.index(last), ((entry + total - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(last), acc)
+            mbarrier.arrive(empty_bars.index(last), count=1)
+        else:
+            mbarrier.arrive(q_free, count=1)
+        l_o = gl.convert_layout(l_i, row_o)
+        out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
+        rows = t0 + gl.arange(0, HALF, layout=row_o)
+        d = gl.arange(0, HEAD_DIM, layout=col_o)
+        out_base = OUT + b.to(gl.int64) * stride_ob + h * stride_oh
+        ptrs = out_base + (rows + start - (k_len - q_len)).to(gl.int64)[:, None] * stride_ol + d[None, :]
+        gl.store(ptrs, out.to(dtype), mask=((rows >= t_lo) & (rows < t_hi))[:, None])
+        entry += total
+        n_done += 1
 
 
-@gluon.jit(do_not_specialize=["q_len", "k_len", "n_slots"])
+@gluon.jit(do_not_specialize=["q_len", "k_len", "n_slots", "n_work", "n_means", "batch"])
 def _sparse_attention_sm90_kernel(
     Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR, FLAGS,
     stride_qb, stride_ql, stride_qh,
@@ -180,90 +273,86 @@ def _sparse_attention_sm90_kernel(
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
     stride_mb, stride_mj, stride_mh,
-    q_len, k_len, num_q_heads, n_slots, scale_log2,
+    q_len, k_len, batch, num_q_heads, n_slots, n_work, n_means, scale_log2,
     GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_RANGES: gl.constexpr,
     MEAN_CORRECTION: gl.constexpr, STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, TILE_LAYOUT: gl.constexpr,
-    num_warps: gl.constexpr,
+    Q_BOX_LAYOUT: gl.constexpr, TILE_BOX_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK: gl.constexpr = 128
     HALF: gl.constexpr = 64
-    s = n_slots - 1 - gl.program_id(0)  # long rows first
-    bh = gl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    hkv = h // GROUP
-    if SEL_GROUP:
-        hsel = hkv
-        n_sel = num_q_heads // GROUP
-    else:
-        hsel = h
-        n_sel = num_q_heads
-    # the slot's geometry, as the selection has it (local positions: key u is row start + u)
-    if HAS_RANGES:
-        start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)  # clamped: 0 <= start <= end <= k_len
-    else:  # (valid_range's own zero is a Triton tensor without a Gluon layout)
-        start = k_len * 0
-        end = k_len
-    qb, t_lo, t_hi, n_vis, nkb, valid = slot_rows(q_len, k_len, start, end, s, BLOCK)
-    n = end - start
-    row_base = start - (k_len - q_len)  # local position t is query row t + row_base
-    count = gl.load(COUNT + b * stride_cb + hsel * stride_ch + s)
-    count = gl.where(valid, count, 0)
-    t_hi = gl.where(valid, t_hi, t_lo)
-    n_corr = gl.minimum(qb, n_vis)
-    if MEAN_CORRECTION:
-        total = count + gl.where(valid, (n_corr + BLOCK - 1) // BLOCK, 0)
-    else:
-        total = count
+    n_bh = batch * num_q_heads
+    num_kv_heads = num_q_heads // GROUP
     dtype: gl.constexpr = Q.dtype.element_ty
-    n_rows = gl.maximum(n, 1)  # (a descriptor of an empty range; nothing is loaded through it then)
-    q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h * stride_qh, [q_len, HEAD_DIM],
-                                        [stride_ql, 1], [HALF, HEAD_DIM], Q_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + hkv * stride_kh
-                                        + start.to(gl.int64) * stride_kl, [n_rows, HEAD_DIM], [stride_kl, 1],
-                                        [BLOCK, HEAD_DIM], TILE_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + hkv * stride_vh
-                                        + start.to(gl.int64) * stride_vl, [n_rows, HEAD_DIM], [stride_vl, 1],
-                                        [BLOCK, HEAD_DIM], TILE_LAYOUT)
+    # descriptors over whole [B, L, H, D] tensors, made once per program; boxes of one head's rows
+    q_desc = tma.make_tensor_descriptor(Q, [batch, q_len, num_q_heads, HEAD_DIM], [stride_qb, stride_ql, stride_qh, 1],
+                                        [1, HALF, 1, HEAD_DIM], Q_BOX_LAYOUT)
+    if HAS_RANGES:
+        # one work item per program (the grid is the work list): its K, V and means are described from its
+        # batch row's valid keys on, so that keys past their end read as 0 like those past the tensor's
+        b = (gl.program_id(0) % n_bh) // num_q_heads
+        start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
+        n = end - start
+        n_rows = gl.maximum(n, 1)  # (a descriptor of an empty range; nothing is loaded through it then)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + start.to(gl.int64) * stride_kl,
+                                            [1, n_rows, num_kv_heads, HEAD_DIM], [stride_kb, stride_kl, stride_kh, 1],
+                                            [1, BLOCK, 1, HEAD_DIM], TILE_BOX_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + start.to(gl.int64) * stride_vl,
+                                            [1, n_rows, num_kv_heads, HEAD_DIM], [stride_vb, stride_vl, stride_vh, 1],
+                                            [1, BLOCK, 1, HEAD_DIM], TILE_BOX_LAYOUT)
+        means_base = b.to(gl.int64) * stride_mb
+        mean_rows = gl.maximum((n + BLOCK - 1) // BLOCK, 1)
+        mean_batch = 1
+    else:
+        k_desc = tma.make_tensor_descriptor(K, [batch, k_len, num_kv_heads, HEAD_DIM],
+                                            [stride_kb, stride_kl, stride_kh, 1], [1, BLOCK, 1, HEAD_DIM],
+                                            TILE_BOX_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V, [batch, k_len, num_kv_heads, HEAD_DIM],
+                                            [stride_vb, stride_vl, stride_vh, 1], [1, BLOCK, 1, HEAD_DIM],
+                                            TILE_BOX_LAYOUT)
+        means_base = 0
+        mean_rows = n_means
+        mean_batch = batch
     if MEAN_CORRECTION:
-        mean_off = b.to(gl.int64) * stride_mb + hkv * stride_mh
-        n_means = gl.maximum(nkb, 1)
-        kbar_desc = tma.make_tensor_descriptor(KBAR + mean_off, [n_means, HEAD_DIM], [stride_mj, 1],
-                                               [BLOCK, HEAD_DIM], TILE_LAYOUT)
-        vbar_desc = tma.make_tensor_descriptor(VBAR + mean_off, [n_means, HEAD_DIM], [stride_mj, 1],
-                                               [BLOCK, HEAD_DIM], TILE_LAYOUT)
-        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK - 1) // BLOCK)
+        kbar_desc = tma.make_tensor_descriptor(KBAR + means_base, [mean_batch, mean_rows, num_kv_heads, HEAD_DIM],
+                                               [stride_mb, stride_mj, stride_mh, 1], [1, BLOCK, 1, HEAD_DIM],
+                                               TILE_BOX_LAYOUT)
+        vbar_desc = tma.make_tensor_descriptor(VBAR + means_base, [mean_batch, mean_rows, num_kv_heads, HEAD_DIM],
+                                               [stride_mb, stride_mj, stride_mh, 1], [1, BLOCK, 1, HEAD_DIM],
+                                               TILE_BOX_LAYOUT)
     else:
         kbar_desc = k_desc
         vbar_desc = v_desc
-        flag_base = FLAGS
-    index_base = INDEX + b.to(gl.int64) * stride_ib + hsel * stride_ih + s * stride_is
-    out_base = OUT + b.to(gl.int64) * stride_ob + h * stride_oh
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], TILE_LAYOUT)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], TILE_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_free, count=2)  # both consumers release the queries
     for st in gl.static_range(STAGES):
         mbarrier.init(k_bars.index(st), count=1)
         mbarrier.init(v_bars.index(st), count=1)
         mbarrier.init(empty_bars.index(st), count=2)  # both consumers release a slot
-    t0 = qb * BLOCK
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_base, stride_ol, index_base,
-                     flag_base, count, total, t0, t_lo, t_hi, row_base, n, n_corr, scale_log2, 0, HEAD_DIM, BLOCK,
-                     HALF, STAGES, MEAN_CORRECTION)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, empty_bars, out_base, stride_ol, index_base,
-                     flag_base, count, total, t0, t_lo, t_hi, row_base, n, n_corr, scale_log2, 1, HEAD_DIM, BLOCK,
-                     HALF, STAGES, MEAN_CORRECTION)),
-        (_producer, (q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars,
-                     empty_bars, index_base, count, total, t0 + row_base, STAGES, BLOCK, HALF)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
+                     KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb,
+                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 0, GROUP, SEL_GROUP,
+                     HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
+                     KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb,
+                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 1, GROUP, SEL_GROUP,
+                     HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+        (_producer, (q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars,
+                     v_bars, empty_bars, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is, stride_cb,
+                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP, SEL_GROUP, HAS_RANGES,
+                     MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
     ], [4, 1], [240, 24])
     mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(q_free)
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(st))
         mbarrier.invalidate(v_bars.index(st))
@@ -281,22 +370,35 @@ def supported(q, k, v, block_size: int, mean_correction: bool, kbar=None) -> boo
 
 @functools.cache
 def _smem_layouts(dim: int, bf16: bool) -> tuple:
-    """Shared-memory layouts of a query half and of a K/V tile (cached: ~7 us of host time each)."""
+    """Shared-memory layouts of a query half and of a K/V tile, 2-D (the dots) and as the copy engine's
+    ``[1, rows, 1, D]`` boxes of a ``[B, L, H, D]`` tensor (the same bytes; cached: ~7 us of host time each)."""
     gdt = gl.bfloat16 if bf16 else gl.float16
-    return (gl.NVMMASharedLayout.get_default_for([HALF, dim], gdt),
-            gl.NVMMASharedLayout.get_default_for([BLOCK, dim], gdt))
+    return tuple(gl.NVMMASharedLayout.get_default_for(shape, gdt)
+                 for shape in ([HALF, dim], [BLOCK, dim], [1, HALF, 1, dim], [1, BLOCK, 1, dim]))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # (benchmarks/sm90_resources.py compiles the launch from CPU tensors)
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar, flags, scale_log2,
-           mean_correction: bool, stages: int = STAGES) -> None:
-    """One launch over every slot (the caller validated the arguments and set the TMA allocator)."""
+           mean_correction: bool, stages: int = STAGES, programs: int | None = None) -> None:
+    """One launch over every (batch, query head, slot) work item (the caller validated the arguments and set
+    the TMA allocator). ``programs`` (default: one per SM) each take every ``programs``-th item of the
+    longest-first order, so the next item's queries and keys load while the last one's rows are stored;
+    with padding ranges (whose key descriptors are per batch row) there is always one program per item."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     n_slots = block_count.shape[-1]
     has_ranges = kv_start is not None
-    q_layout, tile_layout = _smem_layouts(dim, q.dtype == torch.bfloat16)
+    n_work = n_slots * batch * hq
+    n_programs = n_work if has_ranges else min(n_work, max(1, programs or _sm_count(q.device)))
+    q_layout, tile_layout, q_box, tile_box = _smem_layouts(dim, q.dtype == torch.bfloat16)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
-    _sparse_attention_sm90_kernel[(n_slots, batch * hq)](
+    _sparse_attention_sm90_kernel[(n_programs,)](
         q, k, v, out, block_index, block_count,
         kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
         kbar if mean_correction else q, vbar if mean_correction else q, flags,
@@ -307,12 +409,11 @@ def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar,
         block_index.stride(0), block_index.stride(1), block_index.stride(2),
         block_count.stride(0), block_count.stride(1),
         *mean_strides,
-        q_len, k_len, hq, n_slots, scale_log2,
+        q_len, k_len, batch, hq, n_slots, n_work, kbar.shape[1] if mean_correction else 1, scale_log2,
         GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq, HEAD_DIM=dim, HAS_RANGES=has_ranges,
         MEAN_CORRECTION=mean_correction, STAGES=stages,
-        Q_LAYOUT=q_layout, TILE_LAYOUT=tile_layout,
+        Q_LAYOUT=q_layout, TILE_LAYOUT=tile_layout, Q_BOX_LAYOUT=q_box, TILE_BOX_LAYOUT=tile_box,
         # 3 warpgroups (2 consumers, the producer's warp rounded up) x 168 registers fit one SM's 64K; the
         # producer gives back down to 24 so each consumer gets 240
         num_warps=4, maxnreg=168,
     )
-

@@ -61,6 +61,11 @@ def test_sm90_kernel_matches_reference(case, per_group, mean_correction):
     ref32 = sparse_attention_reference(q.float(), k.float(), v.float(), index, count, 128, **kw)
     ref_lowp = sparse_attention_reference(q, k, v, index, count, 128, round_probs=True, **kw)
     assert_close_to_reference(out, ref32, ref_lowp, "sm_90 kernel")
+    # three programs take every work item in turn (the ring and the query barrier run on across items of
+    # different lengths): the same bits as one program per SM (with ranges: one per item, always)
+    few = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={**(config or {}),
+                           "GLUON_PROGRAMS": 3}, mean_correction=mean_correction, kbar=means[0], vbar=means[1])
+    assert torch.equal(few, out)
     triton = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={"GLUON": False},
                               mean_correction=mean_correction, kbar=means[0], vbar=means[1])
     assert_close_to_reference(triton, ref32, ref_lowp, "Triton kernel")  # (the two agree through the reference)
@@ -98,3 +103,19 @@ def test_out_of_range_padding_is_clamped_as_documented():
     want = sparse_attention(q, k, v, index, count, 128, kv_start=clamped[0], kv_end=clamped[1])
     got = sparse_attention(q, k, v, index, count, 128, kv_start=raw[0], kv_end=raw[1])
     assert not torch.isnan(got).any() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mean_correction", [False, True], ids=["plain", "mean-corr"])
+def test_the_result_does_not_depend_on_the_number_of_programs(mean_correction):
+    """A work item is computed by one program in one order whatever the grid: 1, 7, the SM count (the
+    default) and one program per item give the same bits, on more items than SMs."""
+    q, k, v = structured_qkv(1, 8192, 8, 2, 128, block_size=128, topics=4, seed=9, device="cuda")
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    index, count = random_block_lists(1, 8, 8192, 8192, 128, 0.3, device="cuda", seed=10)
+    means = pool_keys(k, 128, v=v) if mean_correction else (None, None)
+    runs = [sparse_attention(q, k, v, index, count, 128, config=None if n is None else {"GLUON_PROGRAMS": n},
+                             mean_correction=mean_correction, kbar=means[0], vbar=means[1])
+            for n in (None, 1, 7, 64 * 8)]
+    assert not torch.isnan(runs[0]).any() and runs[0].abs().sum() > 0
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])

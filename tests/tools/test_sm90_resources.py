@@ -36,11 +36,14 @@ def test_pool_kernel_compiles_for_sm90_and_a_bad_config_fails():
 def test_the_sm90_gluon_kernel_compiles_warp_specialised():
     """The package's sm_90 kernel (fp_kernels.sparse_attention_sm90) compiles on the installed Triton (CI: the
     CPU machine's; the GPU machines run 3.6) into producer and consumer partitions, with and without the mean
-    correction, and spills nothing beyond a few bytes."""
+    correction and padding ranges. Spills stay small: a few of a work item's scalars outside the hot loop (the
+    correction's per-column vectors, if hoisted out of the loop, spill 100+ bytes)."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this Triton wheel carries no cuobjdump")
     for corr in ([], ["--mean-correction"]):
         (row,) = run_tool("--sparse", "--select", "--sm90", "3", *corr)
         assert row["kernel"] == "_sparse_attention_sm90_kernel" and "failed" not in row, row
-        assert row["warp_specialized"] and row["wgmma"] > 0 and row["stack"] <= 16, row
+        assert row["warp_specialized"] and row["wgmma"] > 0 and row["stack"] <= 64, row
+    (row,) = run_tool("--sparse", "--select", "--sm90", "3", "--ranges", "--mean-correction")
+    assert row["warp_specialized"] and "failed" not in row, row  # (the partial last block's length: a vector)

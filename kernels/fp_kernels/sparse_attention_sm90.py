@@ -146,12 +146,20 @@ def _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLO
 
 
 @gluon.jit
-def _stand_in_step(qk, m_i, l_i, i, count, flag_base, cols, n, n_corr, scale_log2, BLOCK: gl.constexpr,
+def _chunk_flags(flag_base, i, count, cols, n_corr, BLOCK: gl.constexpr):
+    """Mean-key chunk ``i - count``'s kept flags: 1 for a listed id, or one at or past ``n_corr``."""
+    j = (i - count) * BLOCK + cols
+    return gl.load(flag_base + j, mask=j < n_corr, other=1)
+
+
+@gluon.jit
+def _stand_in_step(qk, m_i, l_i, i, count, flags, cols, n, scale_log2, BLOCK: gl.constexpr,
                    HAS_RANGES: gl.constexpr):
     """Online softmax step over the stand-in columns of mean-key chunk ``i - count``: logit
-    ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``, ``-inf`` (no column) for a listed or later one."""
+    ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``, ``-inf`` (no column) for a listed or later one
+    (``flags``: :func:`_chunk_flags`)."""
     j = (i - count) * BLOCK + cols
-    listed = gl.load(flag_base + j, mask=j < n_corr, other=1) != 0
+    listed = flags != 0
     if HAS_RANGES:
         # only query rows past the end of the valid keys (padding on the right) see the keys' last block
         # whole: then it is corrected, with its true length
@@ -169,18 +177,32 @@ def _stand_in_step(qk, m_i, l_i, i, count, flag_base, cols, n, n_corr, scale_log
 
 
 @gluon.jit
-def _step(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr, scale_log2, BLOCK: gl.constexpr,
-          MEAN_CORRECTION: gl.constexpr, HAS_RANGES: gl.constexpr):
-    """Ring entry ``i``'s online softmax step: a listed block's, or (``i >= count``) a mean-key chunk's."""
-    if MEAN_CORRECTION:
-        if i < count:
-            m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK)
-        else:
-            m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, i, count, flag_base, cols, n, n_corr, scale_log2,
-                                                    BLOCK, HAS_RANGES)
+def _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc, m_i, l_i, count, index_base,
+           flag_base, t, cols, n, n_corr, scale_log2, STAND_IN: gl.constexpr, HAS_RANGES: gl.constexpr,
+           STAGES: gl.constexpr, BLOCK: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
+           row_o: gl.constexpr):
+    """Ring entry ``i >= 1`` of the item (ring position ``entry + i``): its score dot and softmax, with the
+    value dot of entry ``i - 1`` beside them; a listed block's (``STAND_IN`` false) or a mean-key chunk's."""
+    e = entry + i
+    slot = e % STAGES
+    prev = (e - 1) % STAGES
+    mbarrier.wait(k_bars.index(slot), (e // STAGES) & 1)
+    qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
+    if STAND_IN:
+        flags = _chunk_flags(flag_base, i, count, cols, n_corr, BLOCK)  # (in flight with the dot)
+    mbarrier.wait(v_bars.index(prev), ((e - 1) // STAGES) & 1)
+    acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
+    if STAND_IN:
+        m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, i, count, flags, cols, n, scale_log2, BLOCK,
+                                                HAS_RANGES)
     else:
         m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK)
-    return m_i, l_i, probs, alpha
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+    mbarrier.arrive(empty_bars.index(prev), count=1)  # this warpgroup is done with entry i - 1
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    p = gl.convert_layout(probs.to(dtype), p_layout)
+    return qk, p, acc, m_i, l_i
 
 
 @gluon.jit
@@ -226,25 +248,25 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
         if total > 0:
             mbarrier.wait(k_bars.index(entry % STAGES), (entry // STAGES) & 1)
             qk = warpgroup_mma(q, k_smem.index(entry % STAGES).permute((1, 0)), qk, use_acc=False)
-            m_i, l_i, probs, alpha = _step(qk, m_i, l_i, 0, count, index_base, flag_base, t, cols, n, n_corr,
-                                           scale_log2, BLOCK, MEAN_CORRECTION, HAS_RANGES)
+            if count > 0:
+                m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, 0, count, index_base, t, cols, n, scale_log2,
+                                                      BLOCK)
+            else:  # (an empty list: with the correction, the stand-ins only)
+                flags = _chunk_flags(flag_base, 0, count, cols, n_corr, BLOCK)
+                m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, 0, count, flags, cols, n, scale_log2, BLOCK,
+                                                        HAS_RANGES)
             p = gl.convert_layout(probs.to(dtype), p_layout)
-            for i in range(1, total):
-                e = entry + i
-                slot = e % STAGES
-                prev = (e - 1) % STAGES
-                mbarrier.wait(k_bars.index(slot), (e // STAGES) & 1)
-                qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
-                # the value dot of entry i - 1 runs beside this entry's score dot and softmax
-                mbarrier.wait(v_bars.index(prev), ((e - 1) // STAGES) & 1)
-                acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
-                m_i, l_i, probs, alpha = _step(qk, m_i, l_i, i, count, index_base, flag_base, t, cols, n, n_corr,
-                                               scale_log2, BLOCK, MEAN_CORRECTION, HAS_RANGES)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
-                mbarrier.arrive(empty_bars.index(prev), count=1)  # this warpgroup is done with entry i - 1
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                p = gl.convert_layout(probs.to(dtype), p_layout)
+            # the listed blocks, then the mean-key chunks: two loops, so that neither branches per entry
+            for i in range(1, count):
+                qk, p, acc, m_i, l_i = _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc,
+                                              m_i, l_i, count, index_base, flag_base, t, cols, n, n_corr,
+                                              scale_log2, False, HAS_RANGES, STAGES, BLOCK, dtype, p_layout, row_o)
+            if MEAN_CORRECTION:
+                for i in range(gl.maximum(count, 1), total):
+                    qk, p, acc, m_i, l_i = _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p,
+                                                  acc, m_i, l_i, count, index_base, flag_base, t, cols, n, n_corr,
+                                                  scale_log2, True, HAS_RANGES, STAGES, BLOCK, dtype, p_layout,
+                                                  row_o)
             mbarrier.arrive(q_free, count=1)  # every score dot of the item is done: the next queries may come
             last = (entry + total - 1) % STAGES
             mbarrier.wait(v_bars.index(last), ((entry + total - 1) // STAGES) & 1)

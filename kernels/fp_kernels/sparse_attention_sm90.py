@@ -48,10 +48,11 @@ STAGES = 3  # ring slots (D=128: 3 x 64 KiB of K+V tiles plus 32 KiB of queries,
 def _tile(w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
           GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr,
           BLOCK: gl.constexpr):
-    """Work item ``w``: (batch, query head, slot), the longest rows first over all heads, and its geometry
-    as the selection has it (local positions: key ``u`` is row ``start + u``). Every partition derives it."""
-    s = n_slots - 1 - w // n_bh
-    bh = w % n_bh
+    """Work item ``w``: (batch, query head, slot), head after head and each head's longest rows first (the
+    programs at work at one time share their keys in L2: the slots of one head, and of its GQA group next),
+    and its geometry as the selection has it (local positions: key ``u`` is row ``start + u``)."""
+    s = n_slots - 1 - w % n_slots
+    bh = w // n_slots
     b = bh // num_q_heads
     h = bh % num_q_heads
     hkv = h // GROUP
@@ -78,16 +79,19 @@ def _tile(w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars,
-              empty_bars, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
-              n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP: gl.constexpr, SEL_GROUP: gl.constexpr,
-              HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr,
+              empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is,
+              stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP: gl.constexpr,
+              SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr):
-    """Per work item: the two query halves (once the consumers are done with the last item's), then ring
+    """Per work item (the program's id, then one from the work counter ``WORK`` after each): the item's id for
+    the consumers and its two query halves (once the consumers are done with the last item's), then ring
     entry ``i``: the K and V tiles of listed block ``index[i]`` for ``i < count``, then the mean-key /
-    mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``). The ring runs on across items."""
+    mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``). The ring runs on across items;
+    at the end, an id past the list and the query barrier without queries."""
     entry = 0
     n_done = 0
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    w = gl.program_id(0)  # the first item; the next ones come from the work counter
+    while w < n_work:
         b, h, hkv, hsel, s, start, end, qb, t_lo, t_hi, count, n_corr, total = _tile(
             w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
             GROUP, SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, BLOCK)
@@ -97,6 +101,7 @@ def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_sm
             kb = b
         q_row = qb * BLOCK + start - (k_len - q_len)  # rows out of range (even negative) read as 0
         mbarrier.wait(q_free, (n_done & 1) ^ 1)  # (a fresh barrier passes phase 1)
+        _post_item(item_smem, w)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma_load(q_desc, [b, q_row, h, 0], q_bar, q_smem.index(0).reshape([1, HALF, 1, HEAD_DIM]))
         tma_load(q_desc, [b, q_row + HALF, h, 0], q_bar, q_smem.index(1).reshape([1, HALF, 1, HEAD_DIM]))
@@ -121,6 +126,22 @@ def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_sm
                 tma_load(vbar_desc, [kb, row, hkv, 0], v_bar, v_dst)
         entry += total
         n_done += 1
+        w = gl.atomic_add(WORK, 1) + gl.num_programs(0)
+    mbarrier.wait(q_free, (n_done & 1) ^ 1)
+    _post_item(item_smem, w)  # (>= n_work: no more items)
+    mbarrier.arrive(q_bar, count=1)
+
+
+@gluon.jit
+def _post_item(item_smem, w):
+    """Publish the producer's next work item to the consumers (read after the query barrier completes)."""
+    item_smem.store(gl.full([1], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])) + w)
+    gl.thread_barrier()  # (every lane's store before the barrier's arrive)
+
+
+@gluon.jit
+def _read_item(item_smem):
+    return gl.max(item_smem.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
 
 
 @gluon.jit
@@ -206,7 +227,7 @@ def _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc, 
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
+def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT, KV_START,
               KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
               n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, WHICH: gl.constexpr,
               GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr,
@@ -231,7 +252,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
         n_sel = num_q_heads
     entry = 0
     n_done = 0
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    mbarrier.wait(q_bar, 0)
+    w = _read_item(item_smem)
+    while w < n_work:
         b, h, hkv, hsel, s, start, end, qb, t_lo, t_hi, count, n_corr, total = _tile(
             w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
             GROUP, SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, BLOCK)
@@ -244,7 +267,6 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
         l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
         qk = gl.zeros([HALF, BLOCK], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, n_done & 1)
         if total > 0:
             mbarrier.wait(k_bars.index(entry % STAGES), (entry // STAGES) & 1)
             qk = warpgroup_mma(q, k_smem.index(entry % STAGES).permute((1, 0)), qk, use_acc=False)
@@ -283,11 +305,13 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
         gl.store(ptrs, out.to(dtype), mask=((rows >= t_lo) & (rows < t_hi))[:, None])
         entry += total
         n_done += 1
+        mbarrier.wait(q_bar, n_done & 1)  # the next item's id (and queries), or the end
+        w = _read_item(item_smem)
 
 
 @gluon.jit(do_not_specialize=["q_len", "k_len", "n_slots", "n_work", "n_means", "batch"])
 def _sparse_attention_sm90_kernel(
-    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR, FLAGS,
+    Q, K, V, OUT, INDEX, COUNT, KV_START, KV_END, KBAR, VBAR, FLAGS, WORK,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -353,6 +377,7 @@ def _sparse_attention_sm90_kernel(
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    item_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_free, count=2)  # both consumers release the queries
     for st in gl.static_range(STAGES):
@@ -360,18 +385,18 @@ def _sparse_attention_sm90_kernel(
         mbarrier.init(v_bars.index(st), count=1)
         mbarrier.init(empty_bars.index(st), count=2)  # both consumers release a slot
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
-                     KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb,
-                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 0, GROUP, SEL_GROUP,
-                     HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, OUT, INDEX, COUNT, KV_START,
-                     KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb,
-                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 1, GROUP, SEL_GROUP,
-                     HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT,
+                     KV_START, KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
+                     stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 0, GROUP,
+                     SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT,
+                     KV_START, KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
+                     stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 1, GROUP,
+                     SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
         (_producer, (q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars,
-                     v_bars, empty_bars, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is, stride_cb,
-                     stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP, SEL_GROUP, HAS_RANGES,
-                     MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+                     v_bars, empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih,
+                     stride_is, stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP,
+                     SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
     ], [4, 1], [240, 24])
     mbarrier.invalidate(q_bar)
     mbarrier.invalidate(q_free)
@@ -424,6 +449,7 @@ def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar,
         q, k, v, out, block_index, block_count,
         kv_start if has_ranges else block_count, kv_end if has_ranges else block_count,
         kbar if mean_correction else q, vbar if mean_correction else q, flags,
+        torch.zeros(1, dtype=torch.int32, device=q.device),  # the work counter (items past the first per program)
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -45,16 +45,20 @@ STAGES = 3  # ring slots (D=128: 3 x 64 KiB of K+V tiles plus 32 KiB of queries,
 
 
 @gluon.jit
+def _item(w, n_slots, num_q_heads):
+    """Work item ``w``'s slot, batch row and query head (the order of :func:`_tile`)."""
+    bh = w // n_slots
+    return n_slots - 1 - w % n_slots, bh // num_q_heads, bh % num_q_heads
+
+
+@gluon.jit
 def _tile(w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_ch, KV_START, KV_END,
           GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr,
           BLOCK: gl.constexpr):
     """Work item ``w``: (batch, query head, slot), head after head and each head's longest rows first (the
     programs at work at one time share their keys in L2: the slots of one head, and of its GQA group next),
     and its geometry as the selection has it (local positions: key ``u`` is row ``start + u``)."""
-    s = n_slots - 1 - w % n_slots
-    bh = w // n_slots
-    b = bh // num_q_heads
-    h = bh % num_q_heads
+    s, b, h = _item(w, n_slots, num_q_heads)
     hkv = h // GROUP
     if SEL_GROUP:
         hsel = hkv
@@ -335,7 +339,7 @@ def _sparse_attention_sm90_kernel(
     if HAS_RANGES:
         # one work item per program (the grid is the work list): its K, V and means are described from its
         # batch row's valid keys on, so that keys past their end read as 0 like those past the tensor's
-        b = (gl.program_id(0) % n_bh) // num_q_heads
+        _, b, _ = _item(gl.program_id(0), n_slots, num_q_heads)
         start, end = valid_range(KV_START, KV_END, b, k_len, HAS_RANGES)
         n = end - start
         n_rows = gl.maximum(n, 1)  # (a descriptor of an empty range; nothing is loaded through it then)

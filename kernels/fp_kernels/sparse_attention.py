@@ -312,10 +312,10 @@ def _tile_config_cached(block_size: int, dim: int, device_index: int | None, int
     # memory beside the main loop's: D=256 halves the chunk (64 overflowed the H200's 227 KiB); GPUs
     # before Hopper load them unpipelined (less shared memory there; not measured)
     cfg.update(CORR_CHUNK=64 if dim <= 128 else 32, CORR_STAGES=3 if hopper else 1, CORR_FLAGS=True)
-    # sm_90 exactly (its wgmma; not Blackwell's), D=128: the warp-specialised Gluon kernel (sparse_attention_sm90;
-    # H100: 1.09-1.26x the Triton kernel at L >= 32K, 0.89x at 6 % on 8K). D=64 keeps the Triton kernel: the Gluon
-    # one won only at 60-100 % density (1.08x) and lost at 6 % (0.68x at 8K, 0.86x at 32K; benchmarks/README.md)
-    cfg["GLUON"] = compute_capability_major(device_index) == 9 and dim == 128
+    # sm_90 exactly (its wgmma; not Blackwell's), D=64 and D=128: the warp-specialised Gluon kernel
+    # (sparse_attention_sm90; H100, persistent: 1.22-1.30x the Triton kernel at D=128, 6-100 % density, 8K-128K;
+    # 0.95-1.21x at D=64, its 0.95 at 6 % on 8K; benchmarks/README.md)
+    cfg["GLUON"] = compute_capability_major(device_index) == 9 and dim in (64, 128)
     return tuple(cfg.items())
 
 
@@ -358,9 +358,9 @@ def ensure_tma_allocator() -> None:
 def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=None, config: dict | None = None,
                vbar=None) -> str:
     """Which kernel :func:`sparse_attention` runs for these arguments: ``"gluon_sm90"`` (the warp-specialised
-    kernel of :mod:`fp_kernels.sparse_attention_sm90`: by default on an sm_90 GPU for D=128, 128-token blocks,
-    fp16 / bf16, copy-engine-aligned tensors, means in the input dtype; ``config={"GLUON": True}`` takes it
-    for D=64 too) or ``"triton"``. A pure function of the
+    kernel of :mod:`fp_kernels.sparse_attention_sm90`: by default on an sm_90 GPU for D=64 and D=128, 128-token
+    blocks, fp16 / bf16, copy-engine-aligned tensors, means in the input dtype) or ``"triton"``. A pure function
+    of the
     arguments; ``config`` picks one with ``GLUON`` (True / False), and a config that sets any Triton-kernel
     key (``BLOCK_M``, ``CORR_CHUNK``, ...) without ``GLUON`` times the Triton kernel."""
     config = config or {}

@@ -1,7 +1,7 @@
 """The warp-specialised sm_90 sparse forward (fp_kernels.sparse_attention_sm90) against the fp32 reference.
 
-It is the default of ``sparse_attention`` on an sm_90 GPU for D=128 and 128-token blocks (D=64 takes it
-with ``config={"GLUON": True}``), so the GPU runs of test_kernels.py exercise it too. Here every case
+It is the default of ``sparse_attention`` on an sm_90 GPU for D=64 and D=128 and 128-token blocks, so the
+GPU runs of test_kernels.py exercise it too. Here every case
 asserts that it is the kernel that ran, and covers what those do not: padding ranges, Lq < Lk,
 per-group lists, lists without the diagonal, an empty list, junk past the counts, and the mean
 correction (whose other tests pin the Triton kernel's knobs). Skipped off sm_90; on the CPU,
@@ -52,19 +52,18 @@ def test_sm90_kernel_matches_reference(case, per_group, mean_correction):
     past = torch.arange(index.shape[-1], device=device) >= count[..., None]
     index = torch.where(past, torch.full_like(index, index.shape[-1] - 1), index)  # junk past the counts
     means = pool_keys(k, 128, start, end, v=v) if mean_correction else (None, None)
-    config = {"GLUON": True} if dim == 64 else None  # (the default at D=128 only)
-    assert kernel_for(q, k, v, 128, mean_correction, means[0], config, vbar=means[1]) == "gluon_sm90"
+    assert kernel_for(q, k, v, 128, mean_correction, means[0], vbar=means[1]) == "gluon_sm90"
     out = torch.full_like(q, float("nan"))
-    sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, out=out, config=config,
+    sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, out=out,
                      mean_correction=mean_correction, kbar=means[0], vbar=means[1])
     kw = {"kv_start": start, "kv_end": end, "mean_correction": mean_correction}
     ref32 = sparse_attention_reference(q.float(), k.float(), v.float(), index, count, 128, **kw)
     ref_lowp = sparse_attention_reference(q, k, v, index, count, 128, round_probs=True, **kw)
     assert_close_to_reference(out, ref32, ref_lowp, "sm_90 kernel")
-    # three programs take every work item in turn (the ring and the query barrier run on across items of
-    # different lengths): the same bits as one program per SM (with ranges: one per item, always)
-    few = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={**(config or {}),
-                           "GLUON_PROGRAMS": 3}, mean_correction=mean_correction, kbar=means[0], vbar=means[1])
+    # three programs share every work item through the work counter (the ring and the query barrier run on
+    # across items of different lengths): the same bits as one program per SM (with ranges: one per item)
+    few = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={"GLUON_PROGRAMS": 3},
+                           mean_correction=mean_correction, kbar=means[0], vbar=means[1])
     assert torch.equal(few, out)
     triton = sparse_attention(q, k, v, index, count, 128, kv_start=start, kv_end=end, config={"GLUON": False},
                               mean_correction=mean_correction, kbar=means[0], vbar=means[1])
@@ -78,8 +77,10 @@ def test_a_triton_knob_selects_the_triton_kernel():
     assert kernel_for(q, q, q, 128, config={"GLUON": False}) == "triton"
     assert kernel_for(q, q, q, 64) == "triton"  # 64-token blocks
     q64 = q[..., :64].contiguous()
-    assert kernel_for(q64, q64, q64, 128) == "triton"  # D=64: the Triton kernel unless asked
-    assert kernel_for(q64, q64, q64, 128, config={"GLUON": True}) == "gluon_sm90"
+    assert kernel_for(q64, q64, q64, 128) == "gluon_sm90"  # D=64 too
+    assert kernel_for(q64, q64, q64, 128, config={"GLUON": False}) == "triton"
+    q256 = torch.zeros(1, 256, 2, 256, dtype=torch.bfloat16, device="cuda")
+    assert kernel_for(q256, q256, q256, 128) == "triton"  # D=256: the Triton kernel
     assert kernel_for(q.float(), q.float(), q.float(), 128) == "triton"
     means = torch.zeros(2, 1, 2, 8, 128, dtype=torch.bfloat16, device="cuda")
     kbar, vbar = means[0], means[1]

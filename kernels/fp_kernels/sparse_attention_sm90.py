@@ -42,10 +42,12 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from .pool import valid_range
 from .select import slot_rows
 
-# The one version switch of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
+# The version switches of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
 # 3.7+ name it ``async_load`` (the old name raises). Same arguments. Both are compiled for sm_90 in CI
 # (tests/tools/test_sm90_resources.py) and 3.6 runs on the GPU machines.
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+# and the partition-wide barrier: ``thread_barrier`` in 3.6, ``barrier`` in 3.9
+thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 BLOCK = 128  # query rows per program and keys per listed block
 HALF = BLOCK // 2  # query rows per consumer warpgroup
@@ -155,7 +157,7 @@ def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, flag_desc, q_smem, k
 def _post_item(item_smem, w):
     """Publish the producer's next work item to the consumers (read after the query barrier completes)."""
     item_smem.store(gl.full([1], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])) + w)
-    gl.thread_barrier()  # (every lane's store before the barrier's arrive)
+    thread_barrier()  # (every lane's store before the barrier's arrive)
 
 
 @gluon.jit

@@ -167,8 +167,7 @@ def main():
         corr = args.mean_correction
         tag = f"sm90 STAGES={stages} mean_correction={corr}" + (" ranges" if args.ranges else "")
         with catching(sm90_mod, results, tag, args.dump):
-            flags = torch.zeros(1, 32, nkb, 16, dtype=torch.int8)[..., :nkb]  # (kept_flags' 16-byte rows)
-            sm90_mod.launch(q, k, k, torch.empty_like(q), index, count, *ranges, kbar, kbar, flags, 1.0, corr, stages)
+            sm90_mod.launch(q, k, k, torch.empty_like(q), index, count, *ranges, kbar, kbar, count, 1.0, corr, stages)
     for text in args.select:
         cfg = {**select_mod.launch_config(dim, torch.device("cuda")), **ast.literal_eval(text)}
         with catching(select_mod, results, text, args.dump):

@@ -52,10 +52,10 @@ def slot_rows(q_len, k_len, start, end, s, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def flag_row(FLAGS, b, h, s, n_heads, n_slots, row_stride):
-    """Row ``(b, h, s)`` of a ``[B, n_heads, n_slots, *]`` per-slot map whose rows lie ``row_stride`` apart,
-    one after the other (the kept-flag map of :func:`fp_kernels.sparse_attention.kept_flags`)."""
-    return FLAGS + ((b * n_heads + h) * n_slots + s).to(tl.int64) * row_stride
+def flag_row(FLAGS, b, h, s, n_heads, n_slots, width):
+    """Row ``(b, h, s)`` of a contiguous ``[B, n_heads, n_slots, width]`` per-slot map (the kept-flag map of
+    :func:`fp_kernels.sparse_attention.kept_flags`; both sparse kernels read it)."""
+    return FLAGS + ((b * n_heads + h) * n_slots + s).to(tl.int64) * width
 
 
 @triton.jit

@@ -140,7 +140,7 @@ def _kept_flags_kernel(
     INDEX, COUNT, FLAGS,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
-    n_heads, n_slots, width, row_stride, CHUNK: tl.constexpr,
+    n_heads, n_slots, width, CHUNK: tl.constexpr,
 ):
     """Flag map row ``(b, h, s)`` gets a 1 at every listed id of slot ``s`` (the map is zeroed before)."""
     s = tl.program_id(0)
@@ -149,7 +149,7 @@ def _kept_flags_kernel(
     h = bh % n_heads
     count = tl.load(COUNT + b * stride_cb + h * stride_ch + s)
     index_base = INDEX + b.to(tl.int64) * stride_ib + h * stride_ih + s * stride_is
-    flag_base = flag_row(FLAGS, b, h, s, n_heads, n_slots, row_stride)
+    flag_base = flag_row(FLAGS, b, h, s, n_heads, n_slots, width)
     cols = tl.arange(0, CHUNK)
     for p0 in range(0, count, CHUNK):
         at = p0 + cols
@@ -159,12 +159,9 @@ def _kept_flags_kernel(
 
 
 def kept_flags(block_index: torch.Tensor, block_count: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, Hsel, S, width]`` int8: 1 where a slot's list holds the block id, else 0 (Triton). ``width``: the
-    key blocks of the keys, ``ceil(Lk / block_size)`` (every valid id is below). Its rows are 16-byte aligned
-    (a view of ``[B, Hsel, S, width rounded up to 16]``, zeros past ``width``), so that the copy engine reads
-    them; a kernel finds row ``(b, h, s)`` with ``flag_row(..., flags.stride(2))``."""
-    padded = torch.zeros(*block_count.shape, -(-width // 16) * 16, dtype=torch.int8, device=block_index.device)
-    flags = padded[..., :width]
+    """``[B, Hsel, S, width]`` int8, contiguous: 1 where a slot's list holds the block id, else 0
+    (Triton). ``width``: the key blocks of the keys, ``ceil(Lk / block_size)`` (every valid id is below)."""
+    flags = torch.zeros(*block_count.shape, width, dtype=torch.int8, device=block_index.device)
     batch, hsel, n_slots = block_count.shape
     if flags.numel():
         with launch_device(block_index):
@@ -172,7 +169,7 @@ def kept_flags(block_index: torch.Tensor, block_count: torch.Tensor, width: int)
                 block_index, block_count, flags,
                 block_index.stride(0), block_index.stride(1), block_index.stride(2),
                 block_count.stride(0), block_count.stride(1),
-                hsel, n_slots, width, padded.shape[-1], CHUNK=128, num_warps=4,
+                hsel, n_slots, width, CHUNK=128, num_warps=4,
             )
     return flags
 
@@ -186,7 +183,7 @@ def _sparse_attention_kernel(
     stride_ob, stride_ol, stride_oh,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
-    stride_mb, stride_mj, stride_mh, stride_fs,
+    stride_mb, stride_mj, stride_mh,
     q_len, k_len, num_q_heads, n_slots, scale_log2,
     GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -265,7 +262,7 @@ def _sparse_attention_kernel(
         n_sel = num_q_heads
         if SEL_GROUP:
             n_sel = num_q_heads // GROUP
-        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, stride_fs)
+        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, (k_len + BLOCK_SIZE - 1) // BLOCK_SIZE)
         acc, m_i, l_i = _attend_skipped_means(
             acc, m_i, l_i, q, KBAR + mean_off, VBAR + mean_off, stride_mj, index_base, flag_base, count,
             tl.minimum(qb, n_vis), n, d, d_ok, scale_log2, BLOCK_SIZE, EVEN_D, CORR_CHUNK, CORR_STAGES, CORR_FLAGS,
@@ -489,7 +486,7 @@ def sparse_attention(
             out.stride(0), out.stride(1), out.stride(2),
             block_index.stride(0), block_index.stride(1), block_index.stride(2),
             block_count.stride(0), block_count.stride(1),
-            *mean_strides, flags.stride(2) if use_flags else 0,
+            *mean_strides,
             q_len, k_len, hq, n_slots, scale_log2,
             GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq,
             HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,

@@ -20,9 +20,9 @@ correction), laid out as FlashAttention 3 does on sm_90, which plain Triton cann
   two warpgroups drift apart freely, so one's softmax overlaps the other's dots;
 - only the last listed block can straddle the diagonal or the end of the valid keys: it alone is masked;
 - with ``MEAN_CORRECTION`` the ring goes on after the list with chunks of 128 mean keys / mean values
-  (``kbar``/``vbar`` rows ``j < qb``), the same tile shape as a key block, with the chunk's 128 kept-flag
-  bytes (:func:`fp_kernels.sparse_attention.kept_flags`) beside them; a second loop folds a stand-in column
-  ``scale q . kbar_j + log n_j`` for every skipped ``j`` into each consumer's online softmax.
+  (``kbar``/``vbar`` rows ``j < qb``), the same tile shape as a key block; a second loop folds a stand-in
+  column ``scale q . kbar_j + log n_j`` for every skipped ``j`` into each consumer's online softmax (listed ids
+  from the kept-flag map of :func:`fp_kernels.sparse_attention.kept_flags`, loaded beside the chunk's score dot).
 
 Used by :func:`fp_kernels.sparse_attention` on sm_90 for D=64 and D=128, 128-token blocks, fp16 / bf16 and
 copy-engine-aligned tensors; everything else runs the Triton kernel. H100 (benchmarks/gluon_sparse_forward.py;
@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .pool import valid_range
-from .select import slot_rows
+from .select import flag_row, slot_rows
 
 # The version switches of this module: Triton 3.6 names the TMA load ``async_copy_global_to_shared``;
 # 3.7+ name it ``async_load`` (the old name raises). Same arguments. Both are compiled for sm_90 in CI
@@ -92,21 +92,16 @@ def _tile(w, n_bh, num_q_heads, n_slots, q_len, k_len, COUNT, stride_cb, stride_
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, flag_desc, q_smem, k_smem, v_smem, flag_smem, q_bar,
-              q_free, k_bars, v_bars, empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END, stride_ib,
-              stride_ih, stride_is, stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len,
-              GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars,
+              empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih, stride_is,
+              stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP: gl.constexpr,
+              SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr, MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, BLOCK: gl.constexpr, HALF: gl.constexpr):
     """Per work item (the program's id, then one from the work counter ``WORK`` after each): the item's id for
     the consumers and its two query halves (once the consumers are done with the last item's), then ring
     entry ``i``: the K and V tiles of listed block ``index[i]`` for ``i < count``, then the mean-key /
-    mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``) with the slot's kept-flag bytes
-    for those ids (row ``(b, hsel, s)`` of the map, whose rows are 16-byte aligned). The ring runs on across items;
+    mean-value chunk ``i - count`` (rows ``(i - count) * BLOCK + [0, BLOCK)``). The ring runs on across items;
     at the end, an id past the list and the query barrier without queries."""
-    if SEL_GROUP:
-        n_sel = num_q_heads // GROUP
-    else:
-        n_sel = num_q_heads
     entry = 0
     n_done = 0
     w = gl.program_id(0)  # the first item; the next ones come from the work counter
@@ -133,17 +128,15 @@ def _producer(q_desc, k_desc, v_desc, kbar_desc, vbar_desc, flag_desc, q_smem, k
             v_bar = v_bars.index(slot)
             k_dst = k_smem.index(slot).reshape([1, BLOCK, 1, HEAD_DIM])
             v_dst = v_smem.index(slot).reshape([1, BLOCK, 1, HEAD_DIM])
+            mbarrier.expect(k_bar, k_desc.block_type.nbytes)
             mbarrier.expect(v_bar, v_desc.block_type.nbytes)
             if i < count:
-                mbarrier.expect(k_bar, k_desc.block_type.nbytes)
                 row = gl.load(index_base + i) * BLOCK
                 tma_load(k_desc, [kb, row, hkv, 0], k_bar, k_dst)
                 tma_load(v_desc, [kb, row, hkv, 0], v_bar, v_dst)
-            elif MEAN_CORRECTION:
-                mbarrier.expect(k_bar, k_desc.block_type.nbytes + flag_desc.block_type.nbytes)
+            else:
                 row = (i - count) * BLOCK
                 tma_load(kbar_desc, [kb, row, hkv, 0], k_bar, k_dst)
-                tma_load(flag_desc, [(b * n_sel + hsel) * n_slots + s, row], k_bar, flag_smem.index(slot))
                 tma_load(vbar_desc, [kb, row, hkv, 0], v_bar, v_dst)
         entry += total
         n_done += 1
@@ -188,29 +181,29 @@ def _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLO
 
 
 @gluon.jit
-def _chunk_flags(flag_smem, slot, i, count, cols, n_corr, BLOCK: gl.constexpr, s_layout: gl.constexpr):
-    """``[1, BLOCK]``: whether each id of mean-key chunk ``i - count`` is listed or at / past ``n_corr`` (its
-    kept-flag bytes came through the ring with the chunk)."""
+def _chunk_flags(flag_base, i, count, cols, n_corr, BLOCK: gl.constexpr):
+    """Mean-key chunk ``i - count``'s kept flags: 1 for a listed id, or one at or past ``n_corr``."""
     j = (i - count) * BLOCK + cols
-    return (flag_smem.index(slot).load(s_layout) != 0) | (j >= n_corr)[None, :]
+    return gl.load(flag_base + j, mask=j < n_corr, other=1)
 
 
 @gluon.jit
-def _stand_in_step(qk, m_i, l_i, i, count, listed, cols, n, scale_log2, BLOCK: gl.constexpr,
+def _stand_in_step(qk, m_i, l_i, i, count, flags, cols, n, scale_log2, BLOCK: gl.constexpr,
                    HAS_RANGES: gl.constexpr):
     """Online softmax step over the stand-in columns of mean-key chunk ``i - count``: logit
     ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``, ``-inf`` (no column) for a listed or later one
-    (``listed``: :func:`_chunk_flags`)."""
+    (``flags``: :func:`_chunk_flags`)."""
+    j = (i - count) * BLOCK + cols
+    listed = flags != 0
     if HAS_RANGES:
         # only query rows past the end of the valid keys (padding on the right) see the keys' last block
         # whole: then it is corrected, with its true length
-        j = (i - count) * BLOCK + cols
         last = gl.maximum(n - 1, 0) // BLOCK
         log2_n = gl.where(j == last, gl.log2((n - last * BLOCK).to(gl.float32)), 7.0)  # log2(BLOCK) = 7
-        bias = gl.where(listed, float("-inf"), log2_n[None, :])
+        bias = gl.where(listed, float("-inf"), log2_n)
     else:
         bias = gl.where(listed, float("-inf"), 7.0)  # (j < n_corr = qb: never the last, partial, block)
-    logit = qk * scale_log2 + bias
+    logit = qk * scale_log2 + bias[None, :]
     m_new = gl.maximum(m_i, gl.max(logit, axis=1))
     pivot = gl.where(m_new == float("-inf"), 0.0, m_new)
     probs = gl.exp2(logit - pivot[:, None])
@@ -220,9 +213,9 @@ def _stand_in_step(qk, m_i, l_i, i, count, listed, cols, n, scale_log2, BLOCK: g
 
 @gluon.jit
 def _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc, m_i, l_i, count, index_base,
-           flag_smem, t, cols, n, n_corr, scale_log2, STAND_IN: gl.constexpr, HAS_RANGES: gl.constexpr,
-           STAGES: gl.constexpr, BLOCK: gl.constexpr, dtype: gl.constexpr, s_layout: gl.constexpr,
-           p_layout: gl.constexpr, row_o: gl.constexpr):
+           flag_base, t, cols, n, n_corr, scale_log2, STAND_IN: gl.constexpr, HAS_RANGES: gl.constexpr,
+           STAGES: gl.constexpr, BLOCK: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
+           row_o: gl.constexpr):
     """Ring entry ``i >= 1`` of the item (ring position ``entry + i``): its score dot and softmax, with the
     value dot of entry ``i - 1`` beside them; a listed block's (``STAND_IN`` false) or a mean-key chunk's."""
     e = entry + i
@@ -231,12 +224,12 @@ def _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc, 
     mbarrier.wait(k_bars.index(slot), (e // STAGES) & 1)
     qk_tok = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), qk, use_acc=False, is_async=True)
     if STAND_IN:
-        listed = _chunk_flags(flag_smem, slot, i, count, cols, n_corr, BLOCK, s_layout)  # (beside the dot)
+        flags = _chunk_flags(flag_base, i, count, cols, n_corr, BLOCK)  # (in flight with the dot)
     mbarrier.wait(v_bars.index(prev), ((e - 1) // STAGES) & 1)
     acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_tok,))
     if STAND_IN:
-        m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, i, count, listed, cols, n, scale_log2, BLOCK,
+        m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, i, count, flags, cols, n, scale_log2, BLOCK,
                                                 HAS_RANGES)
     else:
         m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, i, count, index_base, t, cols, n, scale_log2, BLOCK)
@@ -249,7 +242,7 @@ def _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc, 
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT, KV_START,
-              KV_END, flag_smem, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
+              KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
               n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, WHICH: gl.constexpr,
               GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HAS_RANGES: gl.constexpr,
               MEAN_CORRECTION: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr,
@@ -266,6 +259,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     q = q_smem.index(WHICH)
     cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+    n_keys = (k_len + BLOCK - 1) // BLOCK  # the kept-flag map's row width
+    if SEL_GROUP:
+        n_sel = num_q_heads // GROUP
+    else:
+        n_sel = num_q_heads
     entry = 0
     n_done = 0
     mbarrier.wait(q_bar, 0)
@@ -277,6 +275,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
         n = end - start
         t0 = qb * BLOCK + WHICH * HALF
         index_base = INDEX + b.to(gl.int64) * stride_ib + hsel * stride_ih + s * stride_is
+        flag_base = flag_row(FLAGS, b, hsel, s, n_sel, n_slots, n_keys)
         t = t0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
         m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -289,22 +288,21 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars,
                 m_i, l_i, probs, alpha = _listed_step(qk, m_i, l_i, 0, count, index_base, t, cols, n, scale_log2,
                                                       BLOCK)
             else:  # (an empty list: with the correction, the stand-ins only)
-                listed = _chunk_flags(flag_smem, entry % STAGES, 0, count, cols, n_corr, BLOCK, s_layout)
-                m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, 0, count, listed, cols, n, scale_log2, BLOCK,
+                flags = _chunk_flags(flag_base, 0, count, cols, n_corr, BLOCK)
+                m_i, l_i, probs, alpha = _stand_in_step(qk, m_i, l_i, 0, count, flags, cols, n, scale_log2, BLOCK,
                                                         HAS_RANGES)
             p = gl.convert_layout(probs.to(dtype), p_layout)
             # the listed blocks, then the mean-key chunks: two loops, so that neither branches per entry
             for i in range(1, count):
                 qk, p, acc, m_i, l_i = _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p, acc,
-                                              m_i, l_i, count, index_base, flag_smem, t, cols, n, n_corr,
-                                              scale_log2, False, HAS_RANGES, STAGES, BLOCK, dtype, s_layout,
-                                              p_layout, row_o)
+                                              m_i, l_i, count, index_base, flag_base, t, cols, n, n_corr,
+                                              scale_log2, False, HAS_RANGES, STAGES, BLOCK, dtype, p_layout, row_o)
             if MEAN_CORRECTION:
                 for i in range(gl.maximum(count, 1), total):
                     qk, p, acc, m_i, l_i = _entry(i, entry, q, k_smem, v_smem, k_bars, v_bars, empty_bars, qk, p,
-                                                  acc, m_i, l_i, count, index_base, flag_smem, t, cols, n, n_corr,
-                                                  scale_log2, True, HAS_RANGES, STAGES, BLOCK, dtype, s_layout,
-                                                  p_layout, row_o)
+                                                  acc, m_i, l_i, count, index_base, flag_base, t, cols, n, n_corr,
+                                                  scale_log2, True, HAS_RANGES, STAGES, BLOCK, dtype, p_layout,
+                                                  row_o)
             mbarrier.arrive(q_free, count=1)  # every score dot of the item is done: the next queries may come
             last = (entry + total - 1) % STAGES
             mbarrier.wait(v_bars.index(last), ((entry + total - 1) // STAGES) & 1)
@@ -334,11 +332,11 @@ def _sparse_attention_sm90_kernel(
     stride_ob, stride_ol, stride_oh,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
-    stride_mb, stride_mj, stride_mh, stride_fs,
+    stride_mb, stride_mj, stride_mh,
     q_len, k_len, batch, num_q_heads, n_slots, n_work, n_means, scale_log2,
     GROUP: gl.constexpr, SEL_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_RANGES: gl.constexpr,
     MEAN_CORRECTION: gl.constexpr, STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, TILE_LAYOUT: gl.constexpr,
-    Q_BOX_LAYOUT: gl.constexpr, TILE_BOX_LAYOUT: gl.constexpr, FLAG_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+    Q_BOX_LAYOUT: gl.constexpr, TILE_BOX_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
 ):
     BLOCK: gl.constexpr = 128
     HALF: gl.constexpr = 64
@@ -381,14 +379,9 @@ def _sparse_attention_sm90_kernel(
         vbar_desc = tma.make_tensor_descriptor(VBAR + means_base, [mean_batch, mean_rows, num_kv_heads, HEAD_DIM],
                                                [stride_mb, stride_mj, stride_mh, 1], [1, BLOCK, 1, HEAD_DIM],
                                                TILE_BOX_LAYOUT)
-        # the kept-flag map as [B * Hsel * S, row stride] bytes (columns past the key blocks read as 0)
-        flag_rows = n_bh // GROUP * n_slots if SEL_GROUP else n_bh * n_slots
-        flag_desc = tma.make_tensor_descriptor(FLAGS, [flag_rows, stride_fs], [stride_fs, 1], [1, BLOCK],
-                                               FLAG_LAYOUT)
     else:
         kbar_desc = k_desc
         vbar_desc = v_desc
-        flag_desc = q_desc  # (not used)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], TILE_LAYOUT)
@@ -398,7 +391,6 @@ def _sparse_attention_sm90_kernel(
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    flag_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, BLOCK], FLAG_LAYOUT)
     item_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_free, count=2)  # both consumers release the queries
@@ -408,17 +400,17 @@ def _sparse_attention_sm90_kernel(
         mbarrier.init(empty_bars.index(st), count=2)  # both consumers release a slot
     gl.warp_specialize([
         (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT,
-                     KV_START, KV_END, flag_smem, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
+                     KV_START, KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
                      stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 0, GROUP,
                      SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
         (_consumer, (q_smem, k_smem, v_smem, q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, OUT, INDEX, COUNT,
-                     KV_START, KV_END, flag_smem, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
+                     KV_START, KV_END, FLAGS, stride_ob, stride_ol, stride_oh, stride_ib, stride_ih, stride_is,
                      stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, scale_log2, 1, GROUP,
                      SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
-        (_producer, (q_desc, k_desc, v_desc, kbar_desc, vbar_desc, flag_desc, q_smem, k_smem, v_smem, flag_smem,
-                     q_bar, q_free, k_bars, v_bars, empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END,
-                     stride_ib, stride_ih, stride_is, stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len,
-                     k_len, GROUP, SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
+        (_producer, (q_desc, k_desc, v_desc, kbar_desc, vbar_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bars,
+                     v_bars, empty_bars, item_smem, WORK, INDEX, COUNT, KV_START, KV_END, stride_ib, stride_ih,
+                     stride_is, stride_cb, stride_ch, n_work, n_bh, num_q_heads, n_slots, q_len, k_len, GROUP,
+                     SEL_GROUP, HAS_RANGES, MEAN_CORRECTION, HEAD_DIM, STAGES, BLOCK, HALF)),
     ], [4, 1], [240, 24])
     mbarrier.invalidate(q_bar)
     mbarrier.invalidate(q_free)
@@ -440,12 +432,10 @@ def supported(q, k, v, block_size: int, mean_correction: bool, kbar=None) -> boo
 @functools.cache
 def _smem_layouts(dim: int, bf16: bool) -> tuple:
     """Shared-memory layouts of a query half and of a K/V tile, 2-D (the dots) and as the copy engine's
-    ``[1, rows, 1, D]`` boxes of a ``[B, L, H, D]`` tensor (the same bytes), and of a chunk's kept-flag bytes
-    (cached: ~7 us of host time each)."""
+    ``[1, rows, 1, D]`` boxes of a ``[B, L, H, D]`` tensor (the same bytes; cached: ~7 us of host time each)."""
     gdt = gl.bfloat16 if bf16 else gl.float16
-    return (*(gl.NVMMASharedLayout.get_default_for(shape, gdt)
-              for shape in ([HALF, dim], [BLOCK, dim], [1, HALF, 1, dim], [1, BLOCK, 1, dim])),
-            gl.NVMMASharedLayout.get_default_for([1, BLOCK], gl.int8))
+    return tuple(gl.NVMMASharedLayout.get_default_for(shape, gdt)
+                 for shape in ([HALF, dim], [BLOCK, dim], [1, HALF, 1, dim], [1, BLOCK, 1, dim]))
 
 
 @functools.cache
@@ -458,17 +448,16 @@ def _sm_count(device: torch.device) -> int:
 def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar, flags, scale_log2,
            mean_correction: bool, stages: int = STAGES, programs: int | None = None) -> None:
     """One launch over every (batch, query head, slot) work item (the caller validated the arguments and set
-    the TMA allocator). ``programs`` (default: one per SM) take items in order (head after head, each head's
-    longest rows first): its own first, then the next one left, each time one is done, so that the next item's
-    queries and keys load while the last one's rows are stored; with padding ranges (whose key descriptors are
-    per batch row) there is one program per item. ``flags``: the kept-flag map (16-byte aligned rows)."""
+    the TMA allocator). ``programs`` (default: one per SM) each take every ``programs``-th item of the
+    longest-first order, so the next item's queries and keys load while the last one's rows are stored;
+    with padding ranges (whose key descriptors are per batch row) there is always one program per item."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     n_slots = block_count.shape[-1]
     has_ranges = kv_start is not None
     n_work = n_slots * batch * hq
     n_programs = n_work if has_ranges else min(n_work, max(1, programs or _sm_count(q.device)))
-    q_layout, tile_layout, q_box, tile_box, flag_layout = _smem_layouts(dim, q.dtype == torch.bfloat16)
+    q_layout, tile_layout, q_box, tile_box = _smem_layouts(dim, q.dtype == torch.bfloat16)
     mean_strides = kbar.stride()[:3] if mean_correction else (0, 0, 0)
     _sparse_attention_sm90_kernel[(n_programs,)](
         q, k, v, out, block_index, block_count,
@@ -481,12 +470,11 @@ def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar,
         out.stride(0), out.stride(1), out.stride(2),
         block_index.stride(0), block_index.stride(1), block_index.stride(2),
         block_count.stride(0), block_count.stride(1),
-        *mean_strides, flags.stride(2) if mean_correction else 16,
+        *mean_strides,
         q_len, k_len, batch, hq, n_slots, n_work, kbar.shape[1] if mean_correction else 1, scale_log2,
         GROUP=hq // hkv, SEL_GROUP=block_index.shape[1] != hq, HEAD_DIM=dim, HAS_RANGES=has_ranges,
         MEAN_CORRECTION=mean_correction, STAGES=stages,
         Q_LAYOUT=q_layout, TILE_LAYOUT=tile_layout, Q_BOX_LAYOUT=q_box, TILE_BOX_LAYOUT=tile_box,
-        FLAG_LAYOUT=flag_layout,
         # 3 warpgroups (2 consumers, the producer's warp rounded up) x 168 registers fit one SM's 64K; the
         # producer gives back down to 24 so each consumer gets 240
         num_warps=4, maxnreg=168,

@@ -1,6 +1,6 @@
 """Stage 3: index-driven block-sparse causal attention forward.
 
-The Triton kernel below; on sm_90 at D=128 :func:`sparse_attention` launches the warp-specialised Gluon
+The Triton kernel below; on sm_90 at D=64 and D=128 :func:`sparse_attention` launches the warp-specialised Gluon
 kernel of :mod:`fp_kernels.sparse_attention_sm90` instead (same lists, masks and correction; which one
 runs: :func:`kernel_for`).
 
@@ -357,9 +357,8 @@ def kernel_for(q, k, v, block_size: int, mean_correction: bool = False, kbar=Non
     """Which kernel :func:`sparse_attention` runs for these arguments: ``"gluon_sm90"`` (the warp-specialised
     kernel of :mod:`fp_kernels.sparse_attention_sm90`: by default on an sm_90 GPU for D=64 and D=128, 128-token
     blocks, fp16 / bf16, copy-engine-aligned tensors, means in the input dtype) or ``"triton"``. A pure function
-    of the
-    arguments; ``config`` picks one with ``GLUON`` (True / False), and a config that sets any Triton-kernel
-    key (``BLOCK_M``, ``CORR_CHUNK``, ...) without ``GLUON`` times the Triton kernel."""
+    of the arguments; ``config`` picks one with ``GLUON`` (True / False), and a config that sets any
+    Triton-kernel key (``BLOCK_M``, ``CORR_CHUNK``, ...) without ``GLUON`` times the Triton kernel."""
     config = config or {}
     interpret = interpreter_enabled()
     if interpret or not q.is_cuda:

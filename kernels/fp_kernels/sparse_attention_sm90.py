@@ -193,11 +193,11 @@ def _stand_in_step(qk, m_i, l_i, i, count, flags, cols, n, scale_log2, BLOCK: gl
     """Online softmax step over the stand-in columns of mean-key chunk ``i - count``: logit
     ``scale q . kbar_j + log2 n_j`` for a skipped ``j < n_corr``, ``-inf`` (no column) for a listed or later one
     (``flags``: :func:`_chunk_flags`)."""
-    j = (i - count) * BLOCK + cols
     listed = flags != 0
     if HAS_RANGES:
         # only query rows past the end of the valid keys (padding on the right) see the keys' last block
         # whole: then it is corrected, with its true length
+        j = (i - count) * BLOCK + cols
         last = gl.maximum(n - 1, 0) // BLOCK
         log2_n = gl.where(j == last, gl.log2((n - last * BLOCK).to(gl.float32)), 7.0)  # log2(BLOCK) = 7
         bias = gl.where(listed, float("-inf"), log2_n)
@@ -448,9 +448,10 @@ def _sm_count(device: torch.device) -> int:
 def launch(q, k, v, out, block_index, block_count, kv_start, kv_end, kbar, vbar, flags, scale_log2,
            mean_correction: bool, stages: int = STAGES, programs: int | None = None) -> None:
     """One launch over every (batch, query head, slot) work item (the caller validated the arguments and set
-    the TMA allocator). ``programs`` (default: one per SM) each take every ``programs``-th item of the
-    longest-first order, so the next item's queries and keys load while the last one's rows are stored;
-    with padding ranges (whose key descriptors are per batch row) there is always one program per item."""
+    the TMA allocator). ``programs`` (default: one per SM) take items in order (head after head, each head's
+    longest rows first): its own first, then the next one left on the work counter each time one is done, so
+    that the next item's queries and keys load while the last one's rows are stored; with padding ranges
+    (whose key descriptors are per batch row) there is one program per item."""
     batch, q_len, hq, dim = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     n_slots = block_count.shape[-1]

@@ -88,10 +88,15 @@ def part_sparse(args, rows):
 
 def select_space() -> list[dict]:
     """The scoring pass's variants: warps and chunk width, pipelining stages and register caps (a cap
-    of 128 lets 4 programs share an SM: ptxas spills nothing there, benchmarks/sm90_resources.py). e4m3
-    dots (SCORE_FP8 at commit c5ae459) were no faster and changed the selection: removed."""
+    of 128 lets 4 programs share an SM: ptxas spills nothing there, benchmarks/sm90_resources.py), and
+    row tiles below the block (``ROWS``: each chunk reloads its rows from L2; less shared memory and fewer
+    registers per program, so more programs per SM: ROWS 32 with a cap of 80 fits 6, Triton 3.6 spills
+    16 bytes at stage 1 and none at stage 2). e4m3 dots (SCORE_FP8 at commit c5ae459) were no faster and
+    changed the selection: removed."""
     space = [{}, {"num_warps": 8}, {"CHUNK": 32}, {"CHUNK": 128}]
     space += [{"num_stages": st, "maxnreg": r} for st, r in ((2, None), (2, 168), (2, 128), (1, 128))]
+    space += [{"ROWS": rows, "num_stages": st, "maxnreg": r}
+              for rows, st, r in ((64, 1, 128), (64, 2, 128), (32, 1, 96), (32, 1, 80), (32, 2, 80))]
     return [{k: v for k, v in cfg.items() if v is not None} for cfg in space]
 
 

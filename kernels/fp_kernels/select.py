@@ -230,8 +230,9 @@ def select_blocks(
 
     ``q [B, Lq, Hq, D]``; ``kbar [B, nkb, Hkv, D]`` from :func:`pool_keys` (may be None when
     ``alpha == 0`` and ``min_budget == 0``: nothing is scored; then ``num_kv_heads`` gives ``Hkv``).
-    ``config`` overrides ``CHUNK`` (key blocks per dot), ``num_warps``, ``num_stages`` and ``maxnreg`` for
-    benchmarking; none of them changes the selection. Returns
+    ``config`` overrides ``CHUNK`` (key blocks per dot), ``ROWS`` (query rows per dot: fewer than the block
+    reloads them for every chunk; default 128, 64 for D > 128), ``num_warps``, ``num_stages`` and ``maxnreg``
+    for benchmarking; none of them changes the selection. Returns
     ``block_index [B, Hsel, S, nkb]`` int32 (entries past the count are unspecified) and
     ``block_count [B, Hsel, S]`` int32, the same selection as :func:`select_blocks_reference` up to
     float rounding of scores that sit on the threshold.
@@ -260,7 +261,9 @@ def select_blocks(
     cfg.update(config or {})
     chunk = cfg.pop("CHUNK")
     n_chunks = max(triton.next_power_of_2(nkb) // chunk, max(_MIN_ROW // chunk, 1))
-    rows = min(block_size, 128 if dim <= 128 else 64)
+    rows = min(block_size, cfg.pop("ROWS", 128 if dim <= 128 else 64))
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"config ROWS must be a power of two >= 16, got {rows}")
     with launch_device(q):
         _select_blocks_kernel[(n_slots, batch * hsel)](
             q, kbar, kv_start if has_ranges else count, kv_end if has_ranges else count, index, count,

@@ -20,6 +20,7 @@ from fp_kernels import (
     pool_keys_reference,
     sparse_attention_reference,
 )
+from fp_kernels.api import make_info
 from fp_kernels.geometry import normalize_ranges, num_query_slots, slot_geometry
 from fp_kernels.pool import pool_keys
 from fp_kernels.select import select_blocks
@@ -239,6 +240,27 @@ def test_select_blocks_writes_every_count(device, monkeypatch):
     assert (tuple(count.shape), torch.int32) in poisoned
     assert ((count >= 0) & (count <= geo["n_vis"][:, None, :])).all()
     assert (count[:, :, geo["n_vis"][0] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [16, 32])
+def test_row_tiled_scoring_matches_the_reference(rows, device):
+    """Scoring the slot's rows in tiles of ``ROWS`` (reloaded for every chunk of key blocks: the
+    ``config={"ROWS": ...}`` variants of benchmarks/routes_operator.py) keeps the reference's selection,
+    with padding ranges, ``Lq < Lk`` and a partial last block."""
+    dtype = DTYPES[0]
+    q, k, v = make_inputs((2, 150, 300, 4, 2, 64, 64), dtype, device, seed=3)
+    start = torch.tensor([0, 70], device=device, dtype=torch.int32)
+    end = torch.tensor([300, 290], device=device, dtype=torch.int32)
+    rules = BlockRules(alpha=0.3, block_size=64, sink_blocks=1, window_blocks=1, last_dense_blocks=0)
+    index, count = select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end, config={"ROWS": rows})
+    default = select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end)
+    info = make_info(q, k, index, count, rules, start, end)
+    placement = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 0}
+    assert_selection_matches(q, k, info, rules.alpha, 64, placement, kv_start=start, kv_end=end)
+    assert torch.equal(count, default[1])
+    assert 0 < float(info.density.mean()) < 1  # the selection really thresholded something
+    with pytest.raises(ValueError, match="ROWS must be a power of two"):
+        select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end, config={"ROWS": 24})
 
 
 def test_custom_op_fake_matches_real():

@@ -252,15 +252,16 @@ def test_row_tiled_scoring_matches_the_reference(rows, device):
     start = torch.tensor([0, 70], device=device, dtype=torch.int32)
     end = torch.tensor([300, 290], device=device, dtype=torch.int32)
     rules = BlockRules(alpha=0.3, block_size=64, sink_blocks=1, window_blocks=1, last_dense_blocks=0)
-    index, count = select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end, config={"ROWS": rows})
-    default = select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end)
+    kbar = pool_keys(k, 64, start, end)
+    index, count = select_blocks(q, kbar, 300, rules, None, start, end, config={"ROWS": rows})
+    default = select_blocks(q, kbar, 300, rules, None, start, end)
     info = make_info(q, k, index, count, rules, start, end)
     placement = {"sink_blocks": 1, "window_blocks": 1, "last_dense_blocks": 0}
     assert_selection_matches(q, k, info, rules.alpha, 64, placement, kv_start=start, kv_end=end)
     assert torch.equal(count, default[1])
     assert 0 < float(info.density.mean()) < 1  # the selection really thresholded something
     with pytest.raises(ValueError, match="ROWS must be a power of two"):
-        select_blocks(q, pool_keys(k, 64, start, end), 300, rules, None, start, end, config={"ROWS": 24})
+        select_blocks(q, kbar, 300, rules, None, start, end, config={"ROWS": 24})
 
 
 def test_custom_op_fake_matches_real():
